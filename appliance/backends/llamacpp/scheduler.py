@@ -1,0 +1,342 @@
+"""Continuous batching over one llama.cpp context with several sequences (slots).
+
+Each slot owns one sequence id in a unified KV cache and remembers the tokens it holds, so a
+request that continues a conversation reuses the longest cached prefix. Every `step()` builds
+one `llama_batch` holding one token for each decoding sequence plus a chunk of a newcomer's
+prompt, runs one `llama_decode`, and samples each sequence with its own sampler chain.
+This module runs inside the worker process; it knows nothing about pipes or HTTP.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp
+
+# An event leaving the scheduler: (request id, kind, payload).
+Out = tuple[str, str, Any]
+
+
+@dataclass
+class SlotConfig:
+    n_slots: int = 4
+    n_ctx_slot: int = 8192
+    n_batch: int = 512
+    prefill_chunk: int = 256  # prompt tokens per step while other sequences are decoding
+
+
+@dataclass
+class Job:
+    """One generation request as the worker receives it."""
+
+    req_id: str
+    tokens: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 40
+    min_p: float = 0.05
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+
+
+class _Sampler:
+    """A llama.cpp sampler chain for one sequence (freed with the sequence)."""
+
+    def __init__(self, job: Job, n_vocab: int):
+        params = llama_cpp.llama_sampler_chain_default_params()
+        self.ptr = llama_cpp.llama_sampler_chain_init(params)
+        add = llama_cpp.llama_sampler_chain_add
+        if job.presence_penalty or job.frequency_penalty or job.repeat_penalty != 1.0:
+            add(
+                self.ptr,
+                llama_cpp.llama_sampler_init_penalties(
+                    64, job.repeat_penalty, job.frequency_penalty, job.presence_penalty
+                ),
+            )
+        if job.temperature <= 0:
+            add(self.ptr, llama_cpp.llama_sampler_init_greedy())
+        else:
+            if job.top_k > 0:
+                add(self.ptr, llama_cpp.llama_sampler_init_top_k(job.top_k))
+            if job.top_p < 1.0:
+                add(self.ptr, llama_cpp.llama_sampler_init_top_p(job.top_p, 1))
+            if job.min_p > 0:
+                add(self.ptr, llama_cpp.llama_sampler_init_min_p(job.min_p, 1))
+            add(self.ptr, llama_cpp.llama_sampler_init_temp(job.temperature))
+            seed = job.seed if job.seed is not None else random.getrandbits(32)
+            add(self.ptr, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+
+    def sample(self, ctx: Any, idx: int) -> int:
+        return llama_cpp.llama_sampler_sample(self.ptr, ctx, idx)
+
+    def free(self) -> None:
+        if self.ptr is not None:
+            llama_cpp.llama_sampler_free(self.ptr)
+            self.ptr = None
+
+
+class _StopFilter:
+    """Holds back text that may be the start of a stop string; finds complete ones."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Return (text safe to emit, whether a stop string was hit)."""
+        buf = self.held + text
+        if not self.stops:
+            self.held = ""
+            return buf, False
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return buf[: min(hits)], True
+        hold = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(buf)), 0, -1):
+                if buf.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        self.held = buf[len(buf) - hold :]
+        return buf[: len(buf) - hold], False
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
+@dataclass
+class _Seq:
+    job: Job
+    sampler: _Sampler
+    pending: list[int]  # prompt tokens not yet decoded
+    cached: int  # prompt tokens reused from the slot's cache
+    stops: _StopFilter
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace")
+    )
+    next_token: int | None = None  # sampled, to be decoded in the next step
+    generated: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Slot:
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)  # tokens whose KV is in the cache
+    last_used: float = 0.0
+    seq: _Seq | None = None
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Scheduler:
+    """Owns a llama.cpp context; admits jobs into slots and advances all of them one step at a time."""
+
+    def __init__(self, model: Any, ctx: Any, cfg: SlotConfig):
+        self.model = model  # llama_cpp._internals.LlamaModel
+        self.ctx = ctx  # raw llama_context_p
+        self.mem = llama_cpp.llama_get_memory(ctx)
+        self.vocab = model.vocab
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.cfg = cfg
+        self.slots = [_Slot(seq_id=i) for i in range(cfg.n_slots)]
+        self.waiting: deque[Job] = deque()
+        self.batch = llama_cpp.llama_batch_init(cfg.n_batch, 0, 1)
+        self._piece = ctypes.create_string_buffer(256)
+
+    # -- requests ---------------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        self.waiting.append(job)
+
+    def cancel(self, req_id: str) -> bool:
+        for i, job in enumerate(self.waiting):
+            if job.req_id == req_id:
+                del self.waiting[i]
+                return True
+        for slot in self.slots:
+            if slot.seq is not None and slot.seq.job.req_id == req_id:
+                self._release(slot)
+                return True
+        return False
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(s.seq is not None for s in self.slots)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "slots": len(self.slots),
+            "slots_busy": sum(s.seq is not None for s in self.slots),
+            "waiting": len(self.waiting),
+            "cached_tokens": sum(len(s.tokens) for s in self.slots),
+            "capacity_tokens": len(self.slots) * self.cfg.n_ctx_slot,
+        }
+
+    # -- the loop body ----------------------------------------------------------------------
+    def step(self) -> list[Out]:
+        """Admit, decode one batch, sample. Returns the events produced."""
+        out: list[Out] = []
+        self._admit(out)
+        active = [s for s in self.slots if s.seq is not None]
+        if not active:
+            return out
+        b = self.batch
+        b.n_tokens = 0
+        sample_at: list[tuple[_Slot, int]] = []
+
+        def add(slot: _Slot, token: int, logits: bool) -> None:
+            i = b.n_tokens
+            b.token[i] = token
+            b.pos[i] = len(slot.tokens)
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = slot.seq_id
+            b.logits[i] = logits
+            slot.tokens.append(token)
+            b.n_tokens = i + 1
+            if logits:
+                sample_at.append((slot, i))
+
+        decoding = [s for s in active if s.seq.next_token is not None]  # type: ignore[union-attr]
+        for slot in decoding:
+            seq = slot.seq
+            assert seq is not None and seq.next_token is not None
+            add(slot, seq.next_token, True)
+            seq.next_token = None
+        budget = self.cfg.n_batch - b.n_tokens
+        if decoding:
+            budget = min(budget, self.cfg.prefill_chunk)
+        for slot in active:
+            seq = slot.seq
+            assert seq is not None
+            if not seq.pending or budget <= 0:
+                continue
+            chunk = seq.pending[:budget]
+            del seq.pending[: len(chunk)]
+            budget -= len(chunk)
+            for j, tok in enumerate(chunk):
+                add(slot, tok, not seq.pending and j == len(chunk) - 1)
+
+        rc = llama_cpp.llama_decode(self.ctx, b)
+        if rc != 0:
+            # The batch did not go in: roll back positions and fail every sequence in it.
+            for slot in active:
+                self._fail(slot, out, f"llama_decode failed ({rc})")
+            return out
+
+        now = time.monotonic()
+        for slot, idx in sample_at:
+            seq = slot.seq
+            assert seq is not None
+            slot.last_used = now
+            token = seq.sampler.sample(self.ctx, idx)
+            if seq.generated == 0:
+                out.append((seq.job.req_id, "first", {"ttft": now - seq.started}))
+            self._on_token(slot, token, out)
+        return out
+
+    # -- internals --------------------------------------------------------------------------
+    def _admit(self, out: list[Out]) -> None:
+        while self.waiting:
+            free = [s for s in self.slots if s.seq is None]
+            if not free:
+                return
+            job = self.waiting.popleft()
+            slot = self._pick_slot(free, job.tokens)
+            keep = common_prefix(slot.tokens, job.tokens)
+            if keep == len(job.tokens):
+                keep -= 1  # re-decode the last prompt token to get its logits
+            llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, keep, -1)
+            del slot.tokens[keep:]
+            slot.seq = _Seq(
+                job=job,
+                sampler=_Sampler(job, self.n_vocab),
+                pending=job.tokens[keep:],
+                cached=keep,
+                stops=_StopFilter(job.stop),
+            )
+            out.append((job.req_id, "start", {"prompt_tokens": len(job.tokens), "cached_tokens": keep}))
+
+    def _pick_slot(self, free: list[_Slot], tokens: list[int]) -> _Slot:
+        """The free slot whose cache is mostly a prefix of this prompt, else the least recently used."""
+        best, best_len = None, 0
+        for s in free:
+            n = common_prefix(s.tokens, tokens)
+            if n > best_len and n * 2 >= len(s.tokens):
+                best, best_len = s, n
+        if best is not None:
+            return best
+        return min(free, key=lambda s: (len(s.tokens) > 0, s.last_used))
+
+    def _on_token(self, slot: _Slot, token: int, out: list[Out]) -> None:
+        seq = slot.seq
+        assert seq is not None
+        job = seq.job
+        if llama_cpp.llama_vocab_is_eog(self.vocab, token):
+            self._finish(slot, "stop", out)
+            return
+        seq.generated += 1
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
+        text = seq.decoder.decode(self._piece.raw[: max(n, 0)])
+        emit, hit = seq.stops.feed(text)
+        if emit:
+            out.append((job.req_id, "token", emit))
+        if hit:
+            self._finish(slot, "stop", out, flush=False)
+        elif seq.generated >= job.max_tokens or len(slot.tokens) >= self.cfg.n_ctx_slot:
+            self._finish(slot, "length", out)
+        else:
+            seq.next_token = token
+
+    def _finish(self, slot: _Slot, reason: str, out: list[Out], flush: bool = True) -> None:
+        seq = slot.seq
+        assert seq is not None
+        if flush:
+            tail = seq.stops.feed(seq.decoder.decode(b"", final=True))[0] + seq.stops.flush()
+            if tail:
+                out.append((seq.job.req_id, "token", tail))
+        usage = {
+            "prompt_tokens": len(seq.job.tokens),
+            "completion_tokens": seq.generated,
+            "cached_tokens": seq.cached,
+        }
+        out.append((seq.job.req_id, "finish", {"reason": reason, "usage": usage}))
+        self._release(slot)
+
+    def _fail(self, slot: _Slot, out: list[Out], message: str) -> None:
+        seq = slot.seq
+        assert seq is not None
+        out.append((seq.job.req_id, "error", {"status": 500, "message": message}))
+        llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, 0, -1)
+        slot.tokens.clear()
+        self._release(slot)
+
+    def _release(self, slot: _Slot) -> None:
+        if slot.seq is not None:
+            slot.seq.sampler.free()
+            slot.seq = None
+        slot.last_used = time.monotonic()
+
+    def close(self) -> None:
+        for slot in self.slots:
+            self._release(slot)
+        if self.batch is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            self.batch = None

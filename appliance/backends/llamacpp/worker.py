@@ -1,0 +1,191 @@
+"""The model worker process: owns one GGUF model and its llama.cpp context.
+
+Started with the `spawn` context by `client.WorkerProcess`. Protocol over a `multiprocessing` pipe:
+
+  in:  ("gen", req_id, payload) | ("cancel", req_id) | ("stats",) | ("stop",)
+  out: ("ready", info) | ("fatal", message) | ("ev", [(req_id, kind, data), ...]) | ("stats", dict)
+
+Event kinds: "start" {prompt_tokens, cached_tokens}, "first" {ttft}, "token" text,
+"finish" {reason, usage}, "error" {status, message, type?, code?, param?}.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+from multiprocessing.connection import Connection
+from typing import Any
+
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf(path: str) -> None:
+    """Raise ValueError with a clear message if `path` is not a readable GGUF file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError as e:
+        raise ValueError(f"cannot read model file {path}: {e.strerror}") from None
+    if len(head) < 24 or head[:4] != GGUF_MAGIC:
+        raise ValueError(f"{path} is not a GGUF file (bad magic)")
+    version = struct.unpack("<I", head[4:8])[0]
+    if version not in (2, 3):
+        raise ValueError(f"{path}: unsupported GGUF version {version}")
+
+
+def main(conn: Connection, spec: dict[str, Any]) -> None:
+    """Process entry point."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API process decides when we stop
+    try:
+        worker = _Worker(spec)
+    except Exception as e:
+        conn.send(("fatal", str(e) or type(e).__name__))
+        conn.close()
+        return
+    conn.send(("ready", worker.info))
+    worker.serve(conn)
+
+
+class _Worker:
+    def __init__(self, spec: dict[str, Any]):
+        import llama_cpp
+        import llama_cpp._logger as llama_log
+        from llama_cpp._internals import LlamaModel
+
+        from appliance.backends.llamacpp.chat_format import ChatFormatter
+        from appliance.backends.llamacpp.scheduler import Scheduler, SlotConfig
+
+        llama_log.set_verbose(bool(spec.get("verbose")))
+        path = spec["path"]
+        check_gguf(path)
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = spec.get("gpu_layers", 0)
+        self.model = LlamaModel(path_model=path, params=mparams, verbose=False)
+        n_train = self.model.n_ctx_train()
+        n_slots = spec.get("parallel", 4)
+        n_ctx_slot = min(spec.get("context_size", 8192), n_train) if n_train > 0 else spec["context_size"]
+        n_batch = spec.get("batch_size", 512)
+
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx_slot * n_slots
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch
+        cparams.n_seq_max = n_slots
+        cparams.kv_unified = True
+        cparams.n_threads = spec.get("threads", os.cpu_count() or 1)
+        cparams.n_threads_batch = cparams.n_threads
+        cparams.no_perf = True
+        self.ctx = llama_cpp.llama_init_from_model(self.model.model, cparams)
+        if not self.ctx:
+            raise ValueError(f"{path}: failed to create a llama.cpp context of {cparams.n_ctx} tokens")
+        self.sched = Scheduler(self.model, self.ctx, SlotConfig(n_slots, n_ctx_slot, n_batch))
+
+        meta = self.model.metadata()
+        template = spec.get("chat_template") or meta.get("tokenizer.chat_template")
+        bos_id, eos_id = self.model.token_bos(), self.model.token_eos()
+        self.bos_text = self.model.token_get_text(bos_id) if bos_id >= 0 else ""
+        eos_text = self.model.token_get_text(eos_id) if eos_id >= 0 else ""
+        self.formatter = ChatFormatter(template, self.bos_text, eos_text)
+        self.add_bos = self.model.add_bos_token()
+        self.n_ctx_slot = n_ctx_slot
+        self.info = {
+            "pid": os.getpid(),
+            "n_ctx": n_ctx_slot,
+            "n_ctx_train": n_train,
+            "slots": n_slots,
+            "architecture": meta.get("general.architecture", ""),
+            "name": meta.get("general.name", ""),
+            "file_type": meta.get("general.file_type", ""),
+            "parameters": self.model.n_params(),
+            "size": self.model.size(),
+            "chat_template": bool(template),
+        }
+
+    # -- serving ----------------------------------------------------------------------------
+    def serve(self, conn: Connection) -> None:
+        while True:
+            timeout: float | None = 0 if self.sched.busy else None
+            try:
+                while conn.poll(timeout):
+                    msg = conn.recv()
+                    if msg[0] == "stop":
+                        return
+                    self._handle(conn, msg)
+                    timeout = 0
+                if self.sched.busy:
+                    out = self.sched.step()
+                    if out:
+                        conn.send(("ev", out))
+            except (EOFError, BrokenPipeError, ConnectionResetError):
+                return  # the API process is gone
+
+    def _handle(self, conn: Connection, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "gen":
+            _, req_id, payload = msg
+            try:
+                job = self._job(req_id, payload)
+            except _Reject as r:
+                conn.send(("ev", [(req_id, "error", r.error)]))
+                return
+            self.sched.submit(job)
+        elif kind == "cancel":
+            self.sched.cancel(msg[1])
+        elif kind == "stats":
+            conn.send(("stats", self.sched.stats()))
+
+    def _job(self, req_id: str, payload: dict[str, Any]) -> Any:
+        from appliance.backends.llamacpp.scheduler import Job
+
+        params = dict(payload["params"])
+        stops = list(params.pop("stop", None) or [])
+        if payload.get("messages") is not None:
+            if not self.formatter.has_template and payload.get("require_template"):
+                raise _Reject(400, "this model has no chat template; use /v1/completions", param="model")
+            fmt = self.formatter(payload["messages"])
+            text, stops = fmt.prompt, stops + [s for s in fmt.stops if s not in stops]
+            param = "messages"
+        else:
+            text, param = payload["prompt"], "prompt"
+        add_bos = self.add_bos and not (self.bos_text and text.startswith(self.bos_text))
+        tokens = self.model.tokenize(text.encode("utf-8"), add_bos, True)
+        if not tokens:
+            raise _Reject(400, f"'{param}' is empty after tokenization", param=param)
+        n_prompt, n_ctx = len(tokens), self.n_ctx_slot
+        requested = params.pop("max_tokens", None)
+        if requested is None:
+            max_tokens = min(payload["default_max_tokens"], n_ctx - n_prompt)
+            if max_tokens < 1:
+                raise _Reject(
+                    400,
+                    f"This model's maximum context length is {n_ctx} tokens. However, your "
+                    f"{param} resulted in {n_prompt} tokens. Please reduce the length of the {param}.",
+                    code="context_length_exceeded",
+                    param=param,
+                )
+        else:
+            if n_prompt + requested > n_ctx:
+                raise _Reject(
+                    400,
+                    f"This model's maximum context length is {n_ctx} tokens. However, you requested "
+                    f"{n_prompt + requested} tokens ({n_prompt} in the {param}, {requested} for the "
+                    f"completion). Please reduce the length of the {param} or the completion.",
+                    code="context_length_exceeded",
+                    param=param,
+                )
+            max_tokens = requested
+        return Job(req_id=req_id, tokens=tokens, max_tokens=max_tokens, stop=stops, **params)
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.error = {
+            "status": status,
+            "message": message,
+            "type": "invalid_request_error",
+            "code": code,
+            "param": param,
+        }

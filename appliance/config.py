@@ -1,0 +1,203 @@
+"""Settings (environment, `.env`, `--config` file, CLI flags) and the models file schema.
+
+Precedence, highest first: CLI flags, the `--config` TOML file, `APPLIANCE_*` environment variables,
+the `.env` file, built-in defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_MODEL_ID = "smollm2-135m-instruct"
+EMBEDDED_MODEL_PATH = "embedded:smollm2"
+GEMMA_MODEL_PATH = "embedded:gemma3-270m"
+
+
+def _default_threads() -> int:
+    try:
+        import psutil
+
+        return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+    except Exception:  # pragma: no cover - psutil is a dependency
+        return max(1, os.cpu_count() or 1)
+
+
+class Settings(BaseSettings):
+    """Everything an admin can set. Environment variables are `APPLIANCE_<NAME>`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="APPLIANCE_", env_file=".env", extra="ignore", validate_default=True
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    data_dir: Path = Path.home() / ".local" / "share" / "appliance"
+    models_file: Path | None = None
+    default_model: str = DEFAULT_MODEL_ID
+
+    # llama.cpp defaults; a models-file backend entry can override each of them.
+    context_size: int = Field(8192, ge=64, description="tokens of context per slot")
+    threads: int = Field(default_factory=_default_threads, ge=1)
+    gpu_layers: int = Field(0, ge=-1)
+    parallel: int = Field(4, ge=1, le=64, description="slots (concurrent sequences) per model")
+    batch_size: int = Field(512, ge=16, description="tokens per llama_decode call (prefill chunk)")
+    default_max_tokens: int = Field(512, ge=1)
+
+    # HTTP
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    drain_timeout: float = Field(30.0, ge=0)
+    max_queue: int = Field(16, ge=0, description="requests waiting for a slot, per model")
+    queue_timeout: float = Field(60.0, gt=0)
+    worker_start_timeout: float = Field(120.0, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("data_dir", "models_file", mode="after")
+    @classmethod
+    def _expand(cls, v: Path | None) -> Path | None:
+        return v.expanduser() if v is not None else None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _ConfigFileSource(settings_cls), env_settings, dotenv_settings
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+
+_config_file: Path | None = None
+
+
+class _ConfigFileSource(PydanticBaseSettingsSource):
+    """Values from the TOML file given with `--config` (keys are setting names, no prefix)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        if _config_file is None:
+            return {}
+        with _config_file.open("rb") as f:
+            return tomllib.load(f)
+
+
+class ConfigError(Exception):
+    """A configuration problem, reported to the admin as one line."""
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build Settings; raise ConfigError with a one-line message naming the bad setting."""
+    global _config_file
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"--config: no such file: {config_file}")
+    _config_file = config_file
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config {config_file}: invalid TOML: {e}") from None
+    except ValidationError as e:
+        raise ConfigError(_one_line(e, env_prefix="APPLIANCE_")) from None
+    finally:
+        _config_file = None
+
+
+def _one_line(e: ValidationError, env_prefix: str = "") -> str:
+    parts = []
+    for err in e.errors():
+        name = ".".join(str(p) for p in err["loc"]) or "?"
+        shown = f"{env_prefix}{name.upper()}" if env_prefix else name
+        parts.append(f"{shown}: {err['msg']}")
+    return "invalid setting " + "; ".join(parts)
+
+
+# --- the models file -------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LlamaCppBackendSpec(_Strict):
+    type: Literal["llamacpp"] = "llamacpp"
+    path: str
+    context_size: int | None = Field(None, ge=64)
+    threads: int | None = Field(None, ge=1)
+    gpu_layers: int | None = Field(None, ge=-1)
+    parallel: int | None = Field(None, ge=1, le=64)
+    batch_size: int | None = Field(None, ge=16)
+    chat_template: str | None = None
+
+
+BackendSpec = Annotated[LlamaCppBackendSpec, Field(discriminator="type")]
+
+
+class ModelSpec(_Strict):
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+    aliases: list[str] = []
+    backends: list[BackendSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _aliases_differ(self) -> ModelSpec:
+        if self.id in self.aliases:
+            raise ValueError(f"model {self.id!r} lists its own id as an alias")
+        return self
+
+
+class ModelsFile(_Strict):
+    models: list[ModelSpec] = []
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ModelsFile:
+        seen: set[str] = set()
+        for m in self.models:
+            for name in [m.id, *m.aliases]:
+                if name in seen:
+                    raise ValueError(f"model name {name!r} is used twice")
+                seen.add(name)
+        return self
+
+
+def builtin_models() -> ModelsFile:
+    """What the appliance serves when no models file is given: the embedded SmolLM2."""
+    return ModelsFile(
+        models=[ModelSpec(id=DEFAULT_MODEL_ID, backends=[LlamaCppBackendSpec(path=EMBEDDED_MODEL_PATH)])]
+    )
+
+
+def load_models_file(settings: Settings) -> ModelsFile:
+    """Read the models file (or the built-in one); ConfigError names the bad entry."""
+    path = settings.models_file
+    if path is None:
+        models = builtin_models()
+    else:
+        try:
+            with path.open("rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"APPLIANCE_MODELS_FILE: no such file: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"APPLIANCE_MODELS_FILE {path}: invalid TOML: {e}") from None
+        try:
+            models = ModelsFile.model_validate(raw)
+        except ValidationError as e:
+            raise ConfigError(f"APPLIANCE_MODELS_FILE {path}: " + _one_line(e)) from None
+    ids = {m.id for m in models.models} | {a for m in models.models for a in m.aliases}
+    if settings.default_model not in ids:
+        raise ConfigError(
+            f"APPLIANCE_DEFAULT_MODEL: {settings.default_model!r} is not a model id or alias "
+            f"in {path or 'the built-in models'}"
+        )
+    return models

@@ -1,0 +1,68 @@
+"""The model registry: names (ids and aliases) to models, each with its chain of backends."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from appliance.backends.base import Backend
+from appliance.backends.llamacpp.client import LlamaCppBackend
+from appliance.config import ConfigError, ModelsFile, ModelSpec, Settings
+from appliance.engine.types import EngineError
+
+
+@dataclass
+class ModelEntry:
+    id: str
+    aliases: list[str]
+    spec: ModelSpec
+    backends: list[Backend]
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def make_backend(model_id: str, spec, settings: Settings) -> Backend:
+    if spec.type == "llamacpp":
+        return LlamaCppBackend(model_id, spec, settings)
+    raise ConfigError(f"model {model_id}: unknown backend type {spec.type!r}")  # pragma: no cover
+
+
+class Registry:
+    def __init__(self, settings: Settings, models: ModelsFile):
+        self.settings = settings
+        self.entries: dict[str, ModelEntry] = {}
+        self._names: dict[str, ModelEntry] = {}
+        for spec in models.models:
+            entry = ModelEntry(
+                id=spec.id,
+                aliases=list(spec.aliases),
+                spec=spec,
+                backends=[make_backend(spec.id, b, settings) for b in spec.backends],
+            )
+            self.entries[spec.id] = entry
+            for name in (spec.id, *spec.aliases):
+                self._names[name] = entry
+        default = self._names[settings.default_model]
+        owner = self._names.get("default")
+        if owner is not None and owner is not default:
+            raise ConfigError(
+                f"APPLIANCE_MODELS_FILE: alias 'default' belongs to {owner.id!r}, "
+                f"but the default model is {default.id!r}"
+            )
+        if "default" not in default.aliases:
+            default.aliases.append("default")
+        self._names["default"] = default
+        self.default = default
+
+    def get(self, name: str) -> ModelEntry:
+        entry = self._names.get(name)
+        if entry is None:
+            raise EngineError.of(
+                404,
+                f"The model '{name}' does not exist. GET /v1/models lists the models served here.",
+                code="model_not_found",
+                param="model",
+            )
+        return entry
+
+    def __iter__(self):
+        return iter(self.entries.values())

@@ -1,0 +1,105 @@
+"""The one internal request model and the events every backend streams back.
+
+Adapters (OpenAI, Ollama) translate wire formats into these and back; backends only see these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+
+
+@dataclass(slots=True)
+class Message:
+    role: Role
+    content: str
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    max_tokens: int | None = None  # None: the appliance's default cap, bounded by the context
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 40
+    min_p: float = 0.05
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+
+
+@dataclass(slots=True)
+class GenerateRequest:
+    """A chat (messages) or completion (prompt) request for one model."""
+
+    model: str
+    messages: list[Message] | None = None
+    prompt: str | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    user: str | None = None
+    request_id: str = ""
+
+    @property
+    def kind(self) -> Literal["chat", "completion"]:
+        return "chat" if self.messages is not None else "completion"
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class Token:
+    """A piece of generated text (may be several tokens' worth, or a held-back stop prefix released)."""
+
+    text: str
+
+
+@dataclass(slots=True)
+class Finish:
+    reason: Literal["stop", "length"]
+    usage: Usage
+
+
+@dataclass(slots=True)
+class Error:
+    """A failure, already classified in OpenAI's terms so every adapter can render it."""
+
+    status: int
+    message: str
+    type: str = "server_error"
+    code: str | None = None
+    param: str | None = None
+    retry_after: float | None = None  # seconds, sent as Retry-After
+
+
+Event = Token | Finish | Error
+
+
+class EngineError(Exception):
+    """Raised before a stream starts; carries the Error to render."""
+
+    def __init__(self, error: Error):
+        super().__init__(error.message)
+        self.error = error
+
+    @classmethod
+    def of(
+        cls,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ) -> EngineError:
+        return cls(Error(status=status, message=message, type=type, code=code, param=param))
