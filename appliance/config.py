@@ -114,13 +114,13 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         _config_file = None
 
 
-def _one_line(e: ValidationError, env_prefix: str = "") -> str:
+def _one_line(e: ValidationError, env_prefix: str = "", what: str = "setting") -> str:
     parts = []
     for err in e.errors():
         name = ".".join(str(p) for p in err["loc"]) or "?"
         shown = f"{env_prefix}{name.upper()}" if env_prefix else name
         parts.append(f"{shown}: {err['msg']}")
-    return "invalid setting " + "; ".join(parts)
+    return f"invalid {what} " + "; ".join(parts)
 
 
 # --- the models file -------------------------------------------------------------------------
@@ -193,7 +193,7 @@ def load_models_file(settings: Settings) -> ModelsFile:
         try:
             models = ModelsFile.model_validate(raw)
         except ValidationError as e:
-            raise ConfigError(f"APPLIANCE_MODELS_FILE {path}: " + _one_line(e)) from None
+            raise ConfigError(f"APPLIANCE_MODELS_FILE {path}: " + _one_line(e, what="entry")) from None
     ids = {m.id for m in models.models} | {a for m in models.models for a in m.aliases}
     if settings.default_model not in ids:
         raise ConfigError(

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from appliance.api.errors import client_error, error_body, from_validation, parse_json
+from appliance.api.errors import client_error, error_body, error_response, from_validation, parse_json
 from appliance.api.streaming import SSE_HEADERS, collect, until_disconnect
 from appliance.engine.router import Engine, Stream
 from appliance.engine.types import Error, Finish, GenerateRequest, Message, SamplingParams, Token, Usage
@@ -146,7 +146,7 @@ async def chat_completions(request: Request) -> Response:
         )
     text, finish, err = await until_disconnect(request, collect(stream))
     if err is not None:
-        return JSONResponse(error_body(err), status_code=err.status, headers=_headers(stream))
+        return error_response(err, _headers(stream))
     assert finish is not None
     return JSONResponse(
         {
@@ -249,7 +249,7 @@ async def completions(request: Request) -> Response:
         )
     text, finish, err = await until_disconnect(request, collect(stream))
     if err is not None:
-        return JSONResponse(error_body(err), status_code=err.status, headers=_headers(stream))
+        return error_response(err, _headers(stream))
     assert finish is not None
     return JSONResponse(
         {**obj(prefix + text, finish.reason), "usage": _usage(finish.usage)}, headers=_headers(stream)

@@ -60,7 +60,7 @@ class _Sampler:
             add(
                 self.ptr,
                 llama_cpp.llama_sampler_init_penalties(
-                    64, job.repeat_penalty, job.frequency_penalty, job.presence_penalty
+                    n_vocab, 64, job.repeat_penalty, job.frequency_penalty, job.presence_penalty
                 ),
             )
         if job.temperature <= 0:
@@ -258,7 +258,7 @@ class Scheduler:
             free = [s for s in self.slots if s.seq is None]
             if not free:
                 return
-            job = self.waiting.popleft()
+            job = self.waiting[0]
             slot = self._pick_slot(free, job.tokens)
             keep = common_prefix(slot.tokens, job.tokens)
             if keep == len(job.tokens):
@@ -272,6 +272,7 @@ class Scheduler:
                 cached=keep,
                 stops=_StopFilter(job.stop),
             )
+            self.waiting.popleft()
             out.append((job.req_id, "start", {"prompt_tokens": len(job.tokens), "cached_tokens": keep}))
 
     def _pick_slot(self, free: list[_Slot], tokens: list[int]) -> _Slot:
@@ -319,6 +320,16 @@ class Scheduler:
         }
         out.append((seq.job.req_id, "finish", {"reason": reason, "usage": usage}))
         self._release(slot)
+
+    def fail_all(self, message: str) -> list[Out]:
+        """Fail every admitted and waiting job (after an unexpected error in a step)."""
+        out: list[Out] = []
+        for slot in self.slots:
+            if slot.seq is not None:
+                self._fail(slot, out, message)
+        while self.waiting:
+            out.append((self.waiting.popleft().req_id, "error", {"status": 500, "message": message}))
+        return out
 
     def _fail(self, slot: _Slot, out: list[Out], message: str) -> None:
         seq = slot.seq

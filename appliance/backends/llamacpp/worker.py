@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import traceback
 import struct
 from multiprocessing.connection import Connection
 from typing import Any
@@ -115,7 +116,11 @@ class _Worker:
                     self._handle(conn, msg)
                     timeout = 0
                 if self.sched.busy:
-                    out = self.sched.step()
+                    try:
+                        out = self.sched.step()
+                    except Exception:  # a bug must cost the requests in flight, not the worker
+                        traceback.print_exc()
+                        out = self.sched.fail_all("internal error in the model worker")
                     if out:
                         conn.send(("ev", out))
             except (EOFError, BrokenPipeError, ConnectionResetError):

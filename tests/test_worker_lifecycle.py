@@ -1,0 +1,147 @@
+"""The API outlives its model workers: crashes, client disconnects, start-up and graceful drain."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import Server, start_server
+
+pytestmark = pytest.mark.slow
+
+LONG = {"model": "default", "messages": [{"role": "user", "content": "Write a very long essay about the sea."}]}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    """A server with one slot, so a still-running generation would block the next request."""
+    s = start_server(tmp_path_factory.mktemp("lifecycle"), "--parallel", "1", "--context-size", "2048")
+    yield s
+    s.stop()
+
+
+def wait_for_new_worker(server: Server, old_pid: int, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        b = server.backend()
+        if b["state"] == "ready" and b["pid"] not in (None, old_pid):
+            return b["pid"]
+        time.sleep(0.1)
+    raise TimeoutError(server.log())
+
+
+def test_worker_killed_mid_stream_ends_stream_with_error_then_recovers(server: Server) -> None:
+    pid = server.worker_pid()
+    events: list[str] = []
+    with httpx.stream(
+        "POST", f"{server.base_url}/v1/chat/completions", json={**LONG, "max_tokens": 1500, "stream": True}, timeout=60
+    ) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            events.append(line[6:])
+            if len(events) == 5:
+                os.kill(pid, signal.SIGKILL)
+    assert events[-1] == "[DONE]"
+    err = json.loads(events[-2])["error"]
+    assert err["code"] == "worker_crashed" and err["type"] == "server_error"
+    assert all("choices" in json.loads(e) for e in events[:-2])
+    assert httpx.get(f"{server.base_url}/health", timeout=2).status_code in (200, 503)  # the API is still up
+    new_pid = wait_for_new_worker(server, pid)
+    r = httpx.post(f"{server.base_url}/v1/chat/completions", json={**LONG, "max_tokens": 5}, timeout=60)
+    assert r.status_code == 200
+    assert server.backend()["restarts"] >= 1 and new_pid != pid
+
+
+def test_worker_killed_during_non_streaming_request_gives_503(server: Server) -> None:
+    pid = server.worker_pid()
+    threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()
+    r = httpx.post(f"{server.base_url}/v1/chat/completions", json={**LONG, "max_tokens": 1500}, timeout=60)
+    assert r.status_code == 503
+    assert r.json()["error"]["code"] == "worker_crashed"
+    assert "retry-after" in r.headers
+    wait_for_new_worker(server, pid)
+    r = httpx.post(f"{server.base_url}/v1/chat/completions", json={**LONG, "max_tokens": 5}, timeout=60)
+    assert r.status_code == 200
+
+
+def test_client_disconnect_frees_the_worker(server: Server) -> None:
+    # One slot: if the abandoned 1500-token generation kept running (~20 s here), the next request would wait.
+    with httpx.stream(
+        "POST", f"{server.base_url}/v1/chat/completions", json={**LONG, "max_tokens": 1500, "stream": True}, timeout=60
+    ) as r:
+        for n, _ in enumerate(r.iter_lines()):
+            if n > 6:
+                break
+    t0 = time.monotonic()
+    r = httpx.post(
+        f"{server.base_url}/v1/chat/completions",
+        json={"model": "default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
+        timeout=60,
+    )
+    assert r.status_code == 200
+    assert time.monotonic() - t0 < 3.0
+    assert server.backend()["in_flight"] == 0
+
+
+def test_non_streaming_disconnect_frees_the_worker(server: Server) -> None:
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.base_url}/v1/chat/completions", json={**LONG, "max_tokens": 1500}, timeout=1.0)
+    t0 = time.monotonic()
+    r = httpx.post(
+        f"{server.base_url}/v1/chat/completions",
+        json={"model": "default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
+        timeout=60,
+    )
+    assert r.status_code == 200
+    assert time.monotonic() - t0 < 3.0
+
+
+def test_health_says_loading_until_the_model_serves(tmp_path) -> None:
+    s = start_server(tmp_path, wait=False)
+    seen: list[tuple[int, dict]] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(f"{s.base_url}/health", timeout=2)
+            except httpx.TransportError:
+                time.sleep(0.01)
+                continue
+            seen.append((r.status_code, r.json()))
+            assert r.elapsed.total_seconds() < 0.5
+            if r.status_code == 200:
+                break
+            time.sleep(0.01)
+        assert seen[0] == (503, {"status": "loading"})
+        assert seen[-1] == (200, {"status": "ok"})
+    finally:
+        s.stop()
+
+
+def test_sigterm_drains_in_flight_streams(tmp_path) -> None:
+    s = start_server(tmp_path, "--drain-timeout", "30")
+    lines: list[str] = []
+    try:
+        with httpx.stream(
+            "POST", f"{s.base_url}/v1/chat/completions", json={**LONG, "max_tokens": 120, "stream": True}, timeout=60
+        ) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    lines.append(line[6:])
+                    if len(lines) == 3:
+                        s.proc.send_signal(signal.SIGTERM)
+        assert lines[-1] == "[DONE]"
+        finish = json.loads(lines[-2])["choices"][0]["finish_reason"]
+        assert finish == "length"
+        assert s.proc.wait(30) == 0
+        assert "draining" in s.log()
+    finally:
+        s.stop(signal.SIGKILL)
