@@ -36,8 +36,7 @@ async def health(request: Request) -> Response:
     if request.query_params.get("verbose") in ("1", "true", "yes"):
         doc["default_model"] = engine.registry.default.id
         doc["models"] = [
-            {"id": m.id, "aliases": m.aliases, "backends": [b.describe() for b in m.backends]}
-            for m in engine.registry
+            {"id": m.id, "aliases": m.aliases, "backends": [b.describe() for b in m.backends]} for m in engine.registry
         ]
     return JSONResponse(doc, status_code=code)
 

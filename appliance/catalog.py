@@ -95,9 +95,7 @@ def resolve_model_path(path: str, models_dir: Path, progress: bool = True) -> Pa
     if path == "embedded:gemma3-270m":
         return assemble_gemma(models_dir, progress)
     if path.startswith("embedded:"):
-        raise ModelFileError(
-            f"unknown embedded model {path!r} (known: embedded:smollm2, embedded:gemma3-270m)"
-        )
+        raise ModelFileError(f"unknown embedded model {path!r} (known: embedded:smollm2, embedded:gemma3-270m)")
     p = Path(path).expanduser()
     if not p.is_absolute():
         p = models_dir / p

@@ -31,9 +31,7 @@ def _default_threads() -> int:
 class Settings(BaseSettings):
     """Everything an admin can set. Environment variables are `APPLIANCE_<NAME>`."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="APPLIANCE_", env_file=".env", extra="ignore", validate_default=True
-    )
+    model_config = SettingsConfigDict(env_prefix="APPLIANCE_", env_file=".env", extra="ignore", validate_default=True)
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -172,9 +170,7 @@ class ModelsFile(_Strict):
 
 def builtin_models() -> ModelsFile:
     """What the appliance serves when no models file is given: the embedded SmolLM2."""
-    return ModelsFile(
-        models=[ModelSpec(id=DEFAULT_MODEL_ID, backends=[LlamaCppBackendSpec(path=EMBEDDED_MODEL_PATH)])]
-    )
+    return ModelsFile(models=[ModelSpec(id=DEFAULT_MODEL_ID, backends=[LlamaCppBackendSpec(path=EMBEDDED_MODEL_PATH)])])
 
 
 def load_models_file(settings: Settings) -> ModelsFile:

@@ -35,7 +35,7 @@ def test_precedence_cli_over_config_over_env_over_dotenv(monkeypatch: pytest.Mon
     s = load_settings()
     assert (s.port, s.threads, s.host, s.data_dir) == (8002, 3, "0.0.0.0", tmp_path / "d")
     cfg = tmp_path / "appliance.toml"
-    cfg.write_text('port = 8003\ncontext_size = 1024\n')
+    cfg.write_text("port = 8003\ncontext_size = 1024\n")
     s = load_settings(cfg)
     assert (s.port, s.context_size, s.threads) == (8003, 1024, 3)
     assert load_settings(cfg, port=8004).port == 8004
@@ -140,8 +140,11 @@ def test_default_model_must_exist(tmp_path: Path) -> None:
     s = load_settings(default_model="missing")
     with pytest.raises(ConfigError, match="APPLIANCE_DEFAULT_MODEL"):
         load_models_file(s)
-    p = write_models(tmp_path, "[[models]]\nid = 'a'\naliases = ['default']\n[[models.backends]]\ntype = 'llamacpp'\npath = 'x'\n"
-                     "[[models]]\nid = 'b'\n[[models.backends]]\ntype = 'llamacpp'\npath = 'y'\n")
+    p = write_models(
+        tmp_path,
+        "[[models]]\nid = 'a'\naliases = ['default']\n[[models.backends]]\ntype = 'llamacpp'\npath = 'x'\n"
+        "[[models]]\nid = 'b'\n[[models.backends]]\ntype = 'llamacpp'\npath = 'y'\n",
+    )
     s = load_settings(models_file=p, default_model="b")
     with pytest.raises(ConfigError, match="default"):
         Registry(s, load_models_file(s))

@@ -30,7 +30,11 @@ def assert_error(r: httpx.Response, status: int, param: str | None = None, code:
 
 
 def test_malformed_json(http: httpx.Client) -> None:
-    r = http.post("/v1/chat/completions", content=b'{"model": "default", "messages": [', headers={"content-type": "application/json"})
+    r = http.post(
+        "/v1/chat/completions",
+        content=b'{"model": "default", "messages": [',
+        headers={"content-type": "application/json"},
+    )
     assert_error(r, 400)
     assert_error(http.post("/v1/chat/completions", content=b""), 400)
     assert_error(http.post("/v1/chat/completions", json=["not", "an", "object"]), 400)
@@ -89,7 +93,10 @@ def test_context_length_exceeded(http: httpx.Client) -> None:
     )
     assert "4090" in err["message"] and "4096" in err["message"]
     err = assert_error(
-        http.post("/v1/completions", json={"model": "default", "prompt": long}), 400, "prompt", "context_length_exceeded"
+        http.post("/v1/completions", json={"model": "default", "prompt": long}),
+        400,
+        "prompt",
+        "context_length_exceeded",
     )
 
 

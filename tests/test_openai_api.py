@@ -53,9 +53,9 @@ def test_deterministic_at_temperature_zero_and_with_seed(client: openai.OpenAI) 
     s2 = client.chat.completions.create(model="default", messages=msgs, max_tokens=30, temperature=1.0, seed=42)
     assert s1.choices[0].message.content == s2.choices[0].message.content
     outs = {
-        client.chat.completions.create(
-            model="default", messages=msgs, max_tokens=30, temperature=1.5, seed=s
-        ).choices[0].message.content
+        client.chat.completions.create(model="default", messages=msgs, max_tokens=30, temperature=1.5, seed=s)
+        .choices[0]
+        .message.content
         for s in (1, 2, 3, 4)
     }
     assert len(outs) > 1, "different seeds at high temperature should not all agree"

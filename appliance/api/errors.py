@@ -40,9 +40,7 @@ def error_response(err: Error, headers: dict[str, str] | None = None) -> JSONRes
 
 
 def client_error(status: int, message: str, code: str | None = None, param: str | None = None) -> EngineError:
-    return EngineError.of(
-        status, message, type=_TYPES.get(status, "invalid_request_error"), code=code, param=param
-    )
+    return EngineError.of(status, message, type=_TYPES.get(status, "invalid_request_error"), code=code, param=param)
 
 
 def param_path(loc: tuple[Any, ...]) -> str:

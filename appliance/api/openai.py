@@ -175,9 +175,7 @@ def _sse(obj: Any) -> bytes:
 _DONE = b"data: [DONE]\n\n"
 
 
-async def _chat_sse(
-    stream: Stream, cid: str, created: int, model: str, include_usage: bool
-) -> AsyncIterator[bytes]:
+async def _chat_sse(stream: Stream, cid: str, created: int, model: str, include_usage: bool) -> AsyncIterator[bytes]:
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
@@ -244,16 +242,12 @@ async def completions(request: Request) -> Response:
             finally:
                 await stream.aclose()
 
-        return StreamingResponse(
-            sse(), media_type="text/event-stream", headers={**SSE_HEADERS, **_headers(stream)}
-        )
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={**SSE_HEADERS, **_headers(stream)})
     text, finish, err = await until_disconnect(request, collect(stream))
     if err is not None:
         return error_response(err, _headers(stream))
     assert finish is not None
-    return JSONResponse(
-        {**obj(prefix + text, finish.reason), "usage": _usage(finish.usage)}, headers=_headers(stream)
-    )
+    return JSONResponse({**obj(prefix + text, finish.reason), "usage": _usage(finish.usage)}, headers=_headers(stream))
 
 
 def _model_obj(entry: Any) -> dict[str, Any]:

@@ -31,8 +31,7 @@ class ChatFormatter:
     def __call__(self, messages: list[dict[str, str]]) -> Formatted:
         if self._jinja is not None:
             msgs = [
-                {"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
-                for m in messages
+                {"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]} for m in messages
             ]
             r = self._jinja(messages=msgs)
             stops = [s for s in (r.stop if isinstance(r.stop, list) else [r.stop] if r.stop else [])]

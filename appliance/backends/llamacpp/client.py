@@ -124,9 +124,7 @@ class LlamaCppBackend:
         if self._closing:
             return
         try:
-            self.path = await asyncio.to_thread(
-                resolve_model_path, self.spec.path, self.settings.models_dir, True
-            )
+            self.path = await asyncio.to_thread(resolve_model_path, self.spec.path, self.settings.models_dir, True)
             await asyncio.to_thread(worker_mod.check_gguf, str(self.path))
         except (ModelFileError, ValueError) as e:
             self._fail(str(e))
@@ -310,9 +308,7 @@ class LlamaCppBackend:
                 elif kind == "finish":
                     done = True
                     u = data["usage"]
-                    yield Finish(
-                        data["reason"], Usage(u["prompt_tokens"], u["completion_tokens"], u["cached_tokens"])
-                    )
+                    yield Finish(data["reason"], Usage(u["prompt_tokens"], u["completion_tokens"], u["cached_tokens"]))
                     return
                 elif kind == "error":
                     done = True

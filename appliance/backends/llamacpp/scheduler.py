@@ -123,9 +123,7 @@ class _Seq:
     pending: list[int]  # prompt tokens not yet decoded
     cached: int  # prompt tokens reused from the slot's cache
     stops: _StopFilter
-    decoder: codecs.IncrementalDecoder = field(
-        default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace")
-    )
+    decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
     next_token: int | None = None  # sampled, to be decoded in the next step
     generated: int = 0
     started: float = field(default_factory=time.monotonic)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import os
 import signal
-import traceback
 import struct
+import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
