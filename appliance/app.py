@@ -27,11 +27,11 @@ log = logging.getLogger("appliance")
 
 async def health(request: Request) -> Response:
     engine: Engine = request.app.state.engine
-    default = engine.registry.default.backends[0]
     if engine.ready:
         status, code = "ok", 200
     else:
-        status, code = ("failed" if default.state == "failed" else "loading"), 503
+        failed = all(b.state == "failed" for b in engine.registry.default.backends)
+        status, code = ("failed" if failed else "loading"), 503
     doc: dict = {"status": status}
     if request.query_params.get("verbose") in ("1", "true", "yes"):
         doc["default_model"] = engine.registry.default.id
@@ -43,7 +43,7 @@ async def health(request: Request) -> Response:
 
 def create_app(settings: Settings) -> Starlette:
     registry = Registry(settings, load_models_file(settings))
-    engine = Engine(registry)
+    engine = Engine(registry, settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -53,6 +53,13 @@ class Settings(BaseSettings):
     max_queue: int = Field(16, ge=0, description="requests waiting for a slot, per model")
     queue_timeout: float = Field(60.0, gt=0)
     worker_start_timeout: float = Field(120.0, gt=0)
+
+    # Fallback and resilience
+    first_token_timeout: float = Field(60.0, gt=0, description="seconds a backend may take to the first token")
+    request_deadline: float = Field(120.0, gt=0, description="bound on retries and fallbacks for one request")
+    retries: int = Field(1, ge=0, le=10, description="retries of a transient failure on the same backend")
+    breaker_failures: int = Field(3, ge=1, description="consecutive failures that open a backend's circuit")
+    breaker_cooldown: float = Field(30.0, gt=0, description="seconds before a half-open probe")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("data_dir", "models_file", mode="after")

@@ -20,8 +20,18 @@ LONG = {"model": "default", "messages": [{"role": "user", "content": "Write a ve
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    """A server with one slot, so a still-running generation would block the next request."""
-    s = start_server(tmp_path_factory.mktemp("lifecycle"), "--parallel", "1", "--context-size", "2048")
+    """A server with one slot, so a still-running generation would block the next request.
+
+    No retries: a crash before the first token would otherwise be retried (tested with the fallbacks).
+    """
+    s = start_server(
+        tmp_path_factory.mktemp("lifecycle"),
+        "--parallel",
+        "1",
+        "--context-size",
+        "2048",
+        env={"APPLIANCE_RETRIES": "0"},
+    )
     yield s
     s.stop()
 

@@ -122,31 +122,54 @@ def _usage(u: Usage) -> dict[str, Any]:
     }
 
 
-def _headers(stream: Stream) -> dict[str, str]:
-    return {"X-Appliance-Backend": stream.backend}
+def _headers(stream: Stream, req: GenerateRequest) -> dict[str, str]:
+    h = {"X-Appliance-Backend": stream.backend}
+    if req.thread_id:
+        h["X-Thread-Id"] = req.thread_id
+    return h
+
+
+def record(request: Request, stream: Stream) -> None:
+    """Leave what the access log and metrics want on request.state (model, backend, tokens, TTFT)."""
+    st = request.state
+    st.model, st.backend, st.ttft = stream.model.id, stream.backend, stream.ttft
+    if stream.finish is not None:
+        st.prompt_tokens = stream.finish.usage.prompt_tokens
+        st.completion_tokens = stream.finish.usage.completion_tokens
+
+
+def _generate_request(request: Request, body: _SamplingIn, **kw: Any) -> GenerateRequest:
+    return GenerateRequest(
+        model=body.model,
+        user=body.user,
+        principal=getattr(request.state, "principal", None),
+        thread_id=request.headers.get("x-thread-id"),
+        request_id=request.state.request_id,
+        **kw,
+    )
 
 
 async def chat_completions(request: Request) -> Response:
     body = _parse(ChatCompletionIn, await parse_json(request))
-    req = GenerateRequest(
-        model=body.model,
+    req = _generate_request(
+        request,
+        body,
         messages=[Message(m.role, m.text()) for m in body.messages],
         params=body.sampling(body.max_completion_tokens or body.max_tokens),
-        user=body.user,
-        request_id=request.state.request_id,
     )
     stream = await until_disconnect(request, _engine(request).open(req))
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), stream.model.id
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _chat_sse(stream, cid, created, model, include_usage),
+            _chat_sse(request, stream, cid, created, model, include_usage),
             media_type="text/event-stream",
-            headers={**SSE_HEADERS, **_headers(stream)},
+            headers={**SSE_HEADERS, **_headers(stream, req)},
         )
     text, finish, err = await until_disconnect(request, collect(stream))
+    record(request, stream)
     if err is not None:
-        return error_response(err, _headers(stream))
+        return error_response(err, _headers(stream, req))
     assert finish is not None
     return JSONResponse(
         {
@@ -164,7 +187,7 @@ async def chat_completions(request: Request) -> Response:
             ],
             "usage": _usage(finish.usage),
         },
-        headers=_headers(stream),
+        headers=_headers(stream, req),
     )
 
 
@@ -175,7 +198,9 @@ def _sse(obj: Any) -> bytes:
 _DONE = b"data: [DONE]\n\n"
 
 
-async def _chat_sse(stream: Stream, cid: str, created: int, model: str, include_usage: bool) -> AsyncIterator[bytes]:
+async def _chat_sse(
+    request: Request, stream: Stream, cid: str, created: int, model: str, include_usage: bool
+) -> AsyncIterator[bytes]:
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
@@ -195,19 +220,14 @@ async def _chat_sse(stream: Stream, cid: str, created: int, model: str, include_
                 yield _sse(error_body(ev))
         yield _DONE
     finally:
+        record(request, stream)
         await stream.aclose()
 
 
 async def completions(request: Request) -> Response:
     body = _parse(CompletionIn, await parse_json(request))
     prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-    req = GenerateRequest(
-        model=body.model,
-        prompt=prompt,
-        params=body.sampling(body.max_tokens),
-        user=body.user,
-        request_id=request.state.request_id,
-    )
+    req = _generate_request(request, body, prompt=prompt, params=body.sampling(body.max_tokens))
     stream = await until_disconnect(request, _engine(request).open(req))
     cid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), stream.model.id
     prefix = prompt if body.echo else ""
@@ -240,14 +260,20 @@ async def completions(request: Request) -> Response:
                         yield _sse(error_body(ev))
                 yield _DONE
             finally:
+                record(request, stream)
                 await stream.aclose()
 
-        return StreamingResponse(sse(), media_type="text/event-stream", headers={**SSE_HEADERS, **_headers(stream)})
+        return StreamingResponse(
+            sse(), media_type="text/event-stream", headers={**SSE_HEADERS, **_headers(stream, req)}
+        )
     text, finish, err = await until_disconnect(request, collect(stream))
+    record(request, stream)
     if err is not None:
-        return error_response(err, _headers(stream))
+        return error_response(err, _headers(stream, req))
     assert finish is not None
-    return JSONResponse({**obj(prefix + text, finish.reason), "usage": _usage(finish.usage)}, headers=_headers(stream))
+    return JSONResponse(
+        {**obj(prefix + text, finish.reason), "usage": _usage(finish.usage)}, headers=_headers(stream, req)
+    )
 
 
 def _model_obj(entry: Any) -> dict[str, Any]:

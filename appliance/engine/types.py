@@ -39,8 +39,15 @@ class GenerateRequest:
     messages: list[Message] | None = None
     prompt: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
-    user: str | None = None
+    user: str | None = None  # the client's `user` field
+    principal: str | None = None  # the API key's name when auth is on
+    thread_id: str | None = None  # the agent's conversation thread (X-Thread-Id)
     request_id: str = ""
+
+    @property
+    def scope(self) -> str:
+        """Whose data this request may see (agent memory): key name, else `user`, else a default scope."""
+        return self.principal or self.user or "default"
 
     @property
     def kind(self) -> Literal["chat", "completion"]:
