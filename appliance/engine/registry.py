@@ -15,8 +15,9 @@ from appliance.engine.types import EngineError
 class ModelEntry:
     id: str
     aliases: list[str]
-    spec: ModelSpec
+    spec: ModelSpec | None  # None for entries the appliance adds itself (the agent, embeddings)
     backends: list[Backend]
+    kind: str = "chat"  # "chat" (chat + completions), "agent", "embedding"
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -52,6 +53,15 @@ class Registry:
             default.aliases.append("default")
         self._names["default"] = default
         self.default = default
+
+    def add(self, entry: ModelEntry) -> None:
+        """Register an entry the appliance provides itself (e.g. `agent`)."""
+        for name in (entry.id, *entry.aliases):
+            if name in self._names:
+                raise ConfigError(f"model name {name!r} is used twice")
+        self.entries[entry.id] = entry
+        for name in (entry.id, *entry.aliases):
+            self._names[name] = entry
 
     def get(self, name: str) -> ModelEntry:
         entry = self._names.get(name)
