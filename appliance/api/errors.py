@@ -32,11 +32,17 @@ def error_body(err: Error) -> dict[str, Any]:
     return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
 
 
-def error_response(err: Error, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(err: Error, headers: dict[str, str] | None = None, ollama: bool = False) -> JSONResponse:
+    """The error as JSON: OpenAI's shape, or Ollama's `{"error": "..."}` for the /api/* routes."""
     h = dict(headers or {})
     if err.retry_after is not None:
         h["Retry-After"] = str(max(1, round(err.retry_after)))
-    return JSONResponse(error_body(err), status_code=err.status, headers=h)
+    body = {"error": err.message} if ollama else error_body(err)
+    return JSONResponse(body, status_code=err.status, headers=h)
+
+
+def _is_ollama(request: Request) -> bool:
+    return request.url.path.startswith("/api/")
 
 
 def client_error(status: int, message: str, code: str | None = None, param: str | None = None) -> EngineError:
@@ -82,7 +88,7 @@ async def parse_json(request: Request) -> Any:
 
 async def engine_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, EngineError)
-    return error_response(exc.error)
+    return error_response(exc.error, ollama=_is_ollama(request))
 
 
 async def http_error_handler(request: Request, exc: Exception) -> Response:
@@ -94,9 +100,11 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
         message = f"Method {request.method} is not allowed on {request.url.path}"
     else:
         message = str(exc.detail)
-    return error_response(Error(status, message, _TYPES.get(status, "invalid_request_error")), exc.headers)
+    err = Error(status, message, _TYPES.get(status, "invalid_request_error"))
+    return error_response(err, exc.headers, ollama=_is_ollama(request))
 
 
 async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(Error(500, "The server had an internal error; it has been logged.", "server_error"))
+    err = Error(500, "The server had an internal error; it has been logged.", "server_error")
+    return error_response(err, ollama=_is_ollama(request))

@@ -7,7 +7,18 @@ from dataclasses import dataclass, field
 
 from appliance.backends.base import Backend
 from appliance.backends.llamacpp.client import LlamaCppBackend
-from appliance.config import ConfigError, ModelsFile, ModelSpec, Settings
+from appliance.backends.ollama import OllamaBackend
+from appliance.backends.remote import RemoteBackend
+from appliance.config import (
+    BackendSpec,
+    ConfigError,
+    LlamaCppBackendSpec,
+    ModelsFile,
+    ModelSpec,
+    OllamaBackendSpec,
+    Settings,
+)
+from appliance.engine.residency import Residency
 from appliance.engine.types import EngineError
 
 
@@ -21,15 +32,18 @@ class ModelEntry:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def make_backend(model_id: str, spec, settings: Settings) -> Backend:
-    if spec.type == "llamacpp":
-        return LlamaCppBackend(model_id, spec, settings)
-    raise ConfigError(f"model {model_id}: unknown backend type {spec.type!r}")  # pragma: no cover
+def make_backend(model_id: str, spec: BackendSpec, settings: Settings, residency: Residency) -> Backend:
+    if isinstance(spec, LlamaCppBackendSpec):
+        return LlamaCppBackend(model_id, spec, settings, residency)
+    if isinstance(spec, OllamaBackendSpec):
+        return OllamaBackend(model_id, spec, settings)
+    return RemoteBackend(model_id, spec, settings)
 
 
 class Registry:
     def __init__(self, settings: Settings, models: ModelsFile):
         self.settings = settings
+        self.residency = Residency(settings)
         self.entries: dict[str, ModelEntry] = {}
         self._names: dict[str, ModelEntry] = {}
         for spec in models.models:
@@ -37,7 +51,7 @@ class Registry:
                 id=spec.id,
                 aliases=list(spec.aliases),
                 spec=spec,
-                backends=[make_backend(spec.id, b, settings) for b in spec.backends],
+                backends=[make_backend(spec.id, b, settings, self.residency) for b in spec.backends],
             )
             self.entries[spec.id] = entry
             for name in (spec.id, *spec.aliases):
@@ -53,6 +67,9 @@ class Registry:
             default.aliases.append("default")
         self._names["default"] = default
         self.default = default
+        for b in default.backends:
+            if isinstance(b, LlamaCppBackend):
+                b.pinned = True
 
     def add(self, entry: ModelEntry) -> None:
         """Register an entry the appliance provides itself (e.g. `agent`)."""

@@ -129,14 +129,17 @@ class Engine:
 
     async def start(self) -> None:
         """Begin loading the default model's first backend; others load on first use."""
+        await self.registry.residency.start()
         await self.registry.default.backends[0].start()
 
     async def close(self) -> None:
+        await self.registry.residency.close()
         await asyncio.gather(*(b.close() for m in self.registry for b in m.backends), return_exceptions=True)
 
     @property
     def ready(self) -> bool:
-        return any(b.ready for b in self.registry.default.backends)
+        """The default model can serve (a loaded model, one that reloads on demand, or a remote backend)."""
+        return any(getattr(b, "serviceable", b.ready) for b in self.registry.default.backends)
 
     async def open(self, req: GenerateRequest) -> Stream:
         """Start `req` on the first backend that can; raise EngineError when none can."""

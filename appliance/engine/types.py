@@ -42,6 +42,7 @@ class GenerateRequest:
     user: str | None = None  # the client's `user` field
     principal: str | None = None  # the API key's name when auth is on
     thread_id: str | None = None  # the agent's conversation thread (X-Thread-Id)
+    keep_alive: float | None = None  # seconds the model stays loaded after this request (Ollama's keep_alive)
     request_id: str = ""
 
     @property

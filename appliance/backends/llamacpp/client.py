@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import multiprocessing as mp
+import sys
 import threading
 import time
 import uuid
@@ -18,9 +19,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from appliance.backends.llamacpp import worker as worker_mod
 from appliance.catalog import ModelFileError, resolve_model_path
 from appliance.config import LlamaCppBackendSpec, Settings
+from appliance.engine.residency import Residency
 from appliance.engine.types import EngineError, Error, Event, Finish, GenerateRequest, Token, Usage
 
 log = logging.getLogger("appliance.llamacpp")
@@ -83,12 +87,21 @@ class LlamaCppBackend:
 
     name = "llamacpp"
 
-    def __init__(self, model_id: str, spec: LlamaCppBackendSpec, settings: Settings):
+    def __init__(
+        self, model_id: str, spec: LlamaCppBackendSpec, settings: Settings, residency: Residency | None = None
+    ):
         self.model_id = model_id
         self.spec = spec
         self.settings = settings
+        self.residency = residency
+        if residency is not None:
+            residency.register(self)
         self.parallel = spec.parallel or settings.parallel
-        self.state = "idle"  # idle | loading | ready | failed | stopped
+        self.state = "idle"  # idle | loading | ready | unloaded | failed | stopped
+        self.pinned = False  # the default model: never unloaded for idleness (eviction still may)
+        self.last_used = time.monotonic()
+        self.expires_at: float | None = None  # when keep-alive runs out (monotonic); None: never
+        self._rss_seen = 0
         self.last_error: str | None = None
         self.info: dict[str, Any] = {}
         self.restarts = 0
@@ -111,6 +124,43 @@ class LlamaCppBackend:
     def ready(self) -> bool:
         return self.state == "ready"
 
+    @property
+    def serviceable(self) -> bool:
+        """Ready, or unloaded and able to load again on the next request."""
+        return self.state in ("ready", "unloaded")
+
+    @property
+    def loaded(self) -> bool:
+        return self.state in ("loading", "ready") and self._worker is not None
+
+    @property
+    def busy(self) -> bool:
+        return self._in_flight > 0 or self._waiting > 0
+
+    def memory(self) -> int:
+        """Bytes the worker uses now (RSS), or an estimate while it loads."""
+        w = self._worker
+        if w is not None and w.pid is not None and self.state == "ready":
+            with contextlib.suppress(psutil.Error):
+                self._rss_seen = psutil.Process(w.pid).memory_info().rss
+                return self._rss_seen
+        return self.estimate()
+
+    def estimate(self) -> int:
+        """What loading this model will take: what it took last time, else 1.5x the file plus KV room."""
+        if self._rss_seen:
+            return self._rss_seen
+        size = self.path.stat().st_size if self.path and self.path.exists() else 0
+        return int(size * 1.5) + (64 << 20)
+
+    async def unload(self, reason: str) -> None:
+        w, self._worker = self._worker, None
+        self.state = "unloaded"
+        self._ready.clear()
+        if w is not None:
+            log.info("model %s: unloading (%s), worker pid %s", self.model_id, reason, w.pid)
+            await asyncio.to_thread(w.stop)
+
     async def start(self) -> None:
         if self.state in ("loading", "ready") or self._closing:
             return
@@ -124,10 +174,16 @@ class LlamaCppBackend:
         if self._closing:
             return
         try:
-            self.path = await asyncio.to_thread(resolve_model_path, self.spec.path, self.settings.models_dir, True)
+            self.path = await asyncio.to_thread(
+                resolve_model_path, self.spec.path, self.settings.models_dir, sys.stderr.isatty()
+            )
             await asyncio.to_thread(worker_mod.check_gguf, str(self.path))
         except (ModelFileError, ValueError) as e:
             self._fail(str(e))
+            return
+        if self.residency is not None:
+            await self.residency.make_room(self, self.estimate())
+        if self._closing or self.state != "loading":
             return
         s, spec = self.settings, self.spec
         wspec = {
@@ -224,7 +280,7 @@ class LlamaCppBackend:
                         code="model_load_failed",
                     )
                 self.state = "idle"
-            if self.state in ("idle", "stopped") and not self._closing:
+            if self.state in ("idle", "unloaded") and not self._closing:
                 await self.start()
             left = deadline - time.monotonic()
             if left <= 0 or self._closing:
@@ -277,6 +333,21 @@ class LlamaCppBackend:
         finally:
             self._in_flight -= 1
             self._slots.release()
+            self._touch(req.keep_alive)
+
+    async def load(self, keep_alive: float | None = None) -> None:
+        """Load now (Ollama's empty generate request) and start the keep-alive clock."""
+        await self._wait_ready(self.settings.worker_start_timeout)
+        self._touch(keep_alive)
+
+    def _touch(self, keep_alive: float | None) -> None:
+        """Note a use; restart the keep-alive clock (Ollama semantics: < 0 forever, 0 unload now)."""
+        now = time.monotonic()
+        self.last_used = now
+        ka = self.settings.keep_alive if keep_alive is None else keep_alive
+        if keep_alive is None and self.pinned:
+            ka = -1
+        self.expires_at = None if ka < 0 else now + ka
 
     async def _run(self, req: GenerateRequest) -> AsyncIterator[Event]:
         req_id = req.request_id or uuid.uuid4().hex
@@ -353,6 +424,10 @@ class LlamaCppBackend:
             "in_flight": self._in_flight,
             "queued": self._waiting,
             "slots": self.parallel,
+            "memory_bytes": self.memory() if self.loaded else 0,
+            "expires_in": None
+            if self.expires_at is None or not self.loaded
+            else max(0.0, round(self.expires_at - time.monotonic(), 1)),
             **{k: v for k, v in self.info.items() if k in ("n_ctx", "architecture", "parameters", "size")},
         }
 

@@ -1,0 +1,96 @@
+"""A model on an Ollama server, through the official `ollama` client (Ollama's native API)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import ollama
+
+from appliance.config import OllamaBackendSpec, Settings
+from appliance.engine.types import Error, Event, Finish, GenerateRequest, Token, Usage
+
+
+def options_for(req: GenerateRequest, default_max_tokens: int) -> dict[str, Any]:
+    p = req.params
+    opts: dict[str, Any] = {
+        "temperature": p.temperature,
+        "top_p": p.top_p,
+        "top_k": p.top_k,
+        "min_p": p.min_p,
+        "num_predict": p.max_tokens or default_max_tokens,
+        "presence_penalty": p.presence_penalty,
+        "frequency_penalty": p.frequency_penalty,
+        "repeat_penalty": p.repeat_penalty,
+    }
+    if p.seed is not None:
+        opts["seed"] = p.seed
+    if p.stop:
+        opts["stop"] = list(p.stop)
+    return opts
+
+
+def _role(role: str) -> str:
+    return "system" if role == "developer" else role
+
+
+class OllamaBackend:
+    name = "ollama"
+
+    def __init__(self, model_id: str, spec: OllamaBackendSpec, settings: Settings):
+        self.model_id = model_id
+        self.spec = spec
+        self.settings = settings
+        self.state = "remote"
+        self._client = ollama.AsyncClient(host=spec.base_url, timeout=spec.timeout)
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        await self._client._client.aclose()
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": self.name, "state": self.state, "base_url": self.spec.base_url, "model": self.spec.model}
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
+        opts = options_for(req, self.settings.default_max_tokens)
+        keep_alive = req.keep_alive
+        try:
+            if req.messages is not None:
+                msgs = [{"role": _role(m.role), "content": m.content} for m in req.messages]
+                parts = await self._client.chat(self.spec.model, msgs, stream=True, options=opts, keep_alive=keep_alive)
+            else:
+                parts = await self._client.generate(
+                    self.spec.model, req.prompt or "", raw=True, stream=True, options=opts, keep_alive=keep_alive
+                )
+            async for part in parts:
+                text = part.message.content if req.messages is not None else part.response
+                if text:
+                    yield Token(text)
+                if part.done:
+                    reason = "length" if part.done_reason == "length" else "stop"
+                    yield Finish(reason, Usage(part.prompt_eval_count or 0, part.eval_count or 0))
+                    return
+            yield Error(502, "The Ollama stream ended without a final message.", "server_error", "upstream_error")
+        except ollama.ResponseError as e:
+            yield upstream_error("Ollama", e.status_code, e.error)
+        except httpx.TimeoutException:
+            yield Error(504, f"Ollama at {self.spec.base_url} timed out.", "server_error", "upstream_timeout")
+        except (ConnectionError, httpx.TransportError) as e:
+            yield Error(503, f"Cannot reach Ollama at {self.spec.base_url}: {e}", "server_error", "connection_error")
+
+
+def upstream_error(who: str, status: int, message: str) -> Error:
+    """Classify an upstream HTTP error: 429/5xx are the backend's trouble (fall back), 400 is the request's."""
+    if status == 429:
+        return Error(429, f"{who} is rate limiting: {message}", "rate_limit_exceeded", "rate_limited", retry_after=1.0)
+    if status in (400, 422):
+        return Error(400, f"{who} rejected the request: {message}", "invalid_request_error", "upstream_invalid_request")
+    # 401/403/404 (a misconfigured backend: wrong key or model name) and 5xx: this backend cannot serve.
+    return Error(502, f"{who} answered {status}: {message}", "server_error", "upstream_error")
