@@ -274,11 +274,12 @@ class Scheduler:
             out.append((job.req_id, "start", {"prompt_tokens": len(job.tokens), "cached_tokens": keep}))
 
     def _pick_slot(self, free: list[_Slot], tokens: list[int]) -> _Slot:
-        """The free slot whose cache is mostly a prefix of this prompt, else the least recently used."""
+        """The free slot this prompt continues (its cache is, all but a short tail, a prefix of the prompt);
+        else the least recently used one (empty ones first), so other conversations keep their caches."""
         best, best_len = None, 0
         for s in free:
             n = common_prefix(s.tokens, tokens)
-            if n > best_len and n * 2 >= len(s.tokens):
+            if n > best_len and len(s.tokens) - n <= max(8, len(s.tokens) // 10):
                 best, best_len = s, n
         if best is not None:
             return best

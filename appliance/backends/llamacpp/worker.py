@@ -74,7 +74,7 @@ class _Worker:
         cparams.n_batch = n_batch
         cparams.n_ubatch = n_batch
         cparams.n_seq_max = n_slots
-        cparams.kv_unified = True
+        cparams.kv_unified = bool(spec.get("kv_unified", False))
         cparams.n_threads = spec.get("threads", os.cpu_count() or 1)
         cparams.n_threads_batch = cparams.n_threads
         cparams.no_perf = True
