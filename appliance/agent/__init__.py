@@ -1,0 +1,1 @@
+"""The agent: a LangGraph graph over the appliance's own models, with threads (SQLite) and memory (Chroma)."""

