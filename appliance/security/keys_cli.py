@@ -1,0 +1,138 @@
+"""`appliance keys add|list|revoke`: manage the API keys file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from appliance.config import ConfigError, load_settings
+from appliance.security.keys import NAME_PATTERN, KeyEntry, hash_key, new_key, now_iso, read_keys_file, write_keys_file
+
+
+def _keys_path(args: argparse.Namespace) -> Path:
+    settings = load_settings(args.config, data_dir=args.data_dir, keys_file=args.keys_file)
+    return settings.keys_path
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return n
+
+
+def cmd_keys_add(args: argparse.Namespace) -> int:
+    if not re.match(NAME_PATTERN, args.name):
+        raise ConfigError(f"invalid key name {args.name!r}: letters, digits and . _ @ - (up to 64 characters)")
+    path = _keys_path(args)
+    doc = read_keys_file(path)
+    if args.name in doc.keys:
+        print(f"appliance: a key named {args.name!r} exists; revoke it first", file=sys.stderr)
+        return 1
+    key = new_key()
+    doc.keys[args.name] = KeyEntry(
+        sha256=hash_key(key),
+        prefix=key[:12],
+        created=now_iso(),
+        requests_per_minute=args.rpm,
+        tokens_per_minute=args.tpm,
+        max_concurrent_streams=args.max_streams,
+    )
+    write_keys_file(path, doc)
+    print(key)
+    print(
+        f"key {args.name!r} added to {path}. This is the only time the key is shown; store it safely.",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    path = _keys_path(args)
+    doc = read_keys_file(path)
+    rows = [
+        {
+            "name": name,
+            "prefix": e.prefix,
+            "created": e.created,
+            "requests_per_minute": e.requests_per_minute,
+            "tokens_per_minute": e.tokens_per_minute,
+            "max_concurrent_streams": e.max_concurrent_streams,
+        }
+        for name, e in doc.keys.items()
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no API keys in {path} (auth is off)")
+        return 0
+
+    def lim(v: int | None) -> str:
+        return "-" if v is None else str(v)
+
+    table = [("NAME", "PREFIX", "CREATED", "RPM", "TPM", "STREAMS")]
+    table += [
+        (
+            r["name"],
+            f"{r['prefix']}..." if r["prefix"] else "",
+            r["created"],
+            lim(r["requests_per_minute"]),
+            lim(r["tokens_per_minute"]),
+            lim(r["max_concurrent_streams"]),
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    path = _keys_path(args)
+    doc = read_keys_file(path)
+    if args.name not in doc.keys:
+        print(f"appliance: no key named {args.name!r} in {path}", file=sys.stderr)
+        return 1
+    del doc.keys[args.name]
+    write_keys_file(path, doc)
+    print(f"key {args.name!r} revoked; a running server stops accepting it at once", file=sys.stderr)
+    return 0
+
+
+def add_keys_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add `keys` (add, list, revoke) to the `appliance` command."""
+    keys = subparsers.add_parser("keys", help="manage API keys (add, list, revoke)")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", type=Path, help="TOML file of settings")
+        p.add_argument("--data-dir", dest="data_dir", type=Path, default=None, help="(APPLIANCE_DATA_DIR)")
+        p.add_argument(
+            "--keys-file", dest="keys_file", type=Path, default=None, help="(APPLIANCE_KEYS_FILE; .toml or .json)"
+        )
+
+    p = ksub.add_parser("add", help="create a key and print it once; only its hash is stored")
+    p.add_argument("name", help="a name for the key (shown in logs and metrics)")
+    p.add_argument("--rpm", type=_positive, default=None, help="requests per minute")
+    p.add_argument("--tpm", type=_positive, default=None, help="tokens (prompt + completion) per minute")
+    p.add_argument("--max-streams", dest="max_streams", type=_positive, default=None, help="concurrent generations")
+    common(p)
+    p.set_defaults(func=cmd_keys_add)
+
+    p = ksub.add_parser("list", help="list keys: names, prefixes, creation times and limits")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    common(p)
+    p.set_defaults(func=cmd_keys_list)
+
+    p = ksub.add_parser("revoke", help="delete a key (a running server notices within a request)")
+    p.add_argument("name")
+    common(p)
+    p.set_defaults(func=cmd_keys_revoke)
