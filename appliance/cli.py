@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import os
 import sys
 from pathlib import Path
@@ -40,13 +39,15 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from appliance.observability.logging import setup_logging
+    from appliance.security.keys import check_serve_security
+
     settings = _settings(args)
+    if args.allow_unauthenticated:
+        settings = settings.model_copy(update={"allow_unauthenticated": True})
     load_models_file(settings)  # fail fast, before binding the port
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    check_serve_security(settings)  # a valid keys file; without keys, only a loopback bind
+    setup_logging(settings.log_level)  # JSON lines on stdout
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from appliance.server import serve
 
@@ -66,10 +67,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="run the API server")
     _add_settings_flags(p)
+    p.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="serve a non-loopback address without API keys (APPLIANCE_ALLOW_UNAUTHENTICATED)",
+    )
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("doctor", help="check this host and the configuration")
     _add_settings_flags(p)
     p.set_defaults(func=cmd_doctor)
+    p = sub.add_parser("bench", help="benchmark against llama-cpp-python in process (see scripts/bench.py)")
+    from appliance.bench import add_arguments
+    from appliance.bench import main as bench_main
+
+    add_arguments(p)
+    p.set_defaults(func=bench_main)
+    from appliance.models_cli import add_models_commands
+
+    add_models_commands(sub, _add_settings_flags, _settings)
+    from appliance.security.keys_cli import add_keys_commands
+
+    add_keys_commands(sub)
     return parser
 
 

@@ -6,13 +6,14 @@ the `.env` file, built-in defaults.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_MODEL_ID = "smollm2-135m-instruct"
 EMBEDDED_MODEL_PATH = "embedded:smollm2"
@@ -54,6 +55,10 @@ class Settings(BaseSettings):
     queue_timeout: float = Field(60.0, gt=0)
     worker_start_timeout: float = Field(120.0, gt=0)
 
+    # Model residency
+    keep_alive: float = Field(300.0, description="seconds an idle model stays loaded; < 0 forever")
+    memory_budget: int | None = Field(None, ge=0, description="bytes for loaded models; default 80% of free RAM")
+
     # Fallback and resilience
     first_token_timeout: float = Field(60.0, gt=0, description="seconds a backend may take to the first token")
     request_deadline: float = Field(120.0, gt=0, description="bound on retries and fallbacks for one request")
@@ -61,6 +66,37 @@ class Settings(BaseSettings):
     breaker_failures: int = Field(3, ge=1, description="consecutive failures that open a backend's circuit")
     breaker_cooldown: float = Field(30.0, gt=0, description="seconds before a half-open probe")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Agent, threads, memory, embeddings (appliance/agent, appliance/memory)
+    agent_enabled: bool = Field(True, description="serve the `agent` models, /v1/threads and /v1/memories")
+    agent_recursion_limit: int = Field(25, ge=4, le=1000, description="graph steps one agent run may take")
+    agent_timeout: float = Field(120.0, gt=0, description="seconds one agent run may take")
+    agent_memory_k: int = Field(4, ge=0, le=50, description="memories recalled into each agent turn")
+    agent_memory_min_score: float = Field(0.2, ge=-1, le=1, description="cosine similarity a recalled memory needs")
+    agent_history_tokens: int = Field(3000, ge=256, description="approximate tokens of thread history in the prompt")
+    agent_tool_prompt: bool = Field(False, description="describe the tool-call format to the model")
+    embeddings_preload: bool = Field(True, description="load the embedding model at start (in the background)")
+    embeddings_wait: float = Field(60.0, ge=0, description="seconds a request waits for the embedding model")
+    embeddings_threads: int = Field(1, ge=1, le=64, description="CPU threads of the embedding model")
+
+    # Security and observability (appliance/security, appliance/observability)
+    keys_file: Path | None = Field(None, description="API keys, TOML or JSON; default <data_dir>/keys.toml")
+    allow_unauthenticated: bool = Field(False, description="serve a non-loopback address without API keys")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="CORS origins, comma-sep")
+    metrics_public: bool = Field(False, description="serve /metrics without a key when auth is on")
+    log_prompts: bool = Field(False, description="log prompt and completion text (debugging only)")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = v.strip()
+            v = json.loads(v) if v.startswith("[") else v.split(",")
+        return [o.strip().rstrip("/") for o in v if o.strip()] if isinstance(v, list) else v
+
+    @property
+    def keys_path(self) -> Path:
+        return (self.keys_file or self.data_dir / "keys.toml").expanduser()
 
     @field_validator("data_dir", "models_file", mode="after")
     @classmethod
@@ -81,6 +117,11 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
+
+    @property
+    def models_file_path(self) -> Path:
+        """Where the models file is (or would be written by `appliance models add`)."""
+        return self.models_file or self.data_dir / "models.toml"
 
 
 _config_file: Path | None = None
@@ -144,9 +185,29 @@ class LlamaCppBackendSpec(_Strict):
     parallel: int | None = Field(None, ge=1, le=64)
     batch_size: int | None = Field(None, ge=16)
     chat_template: str | None = None
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="checked by `appliance doctor`")
 
 
-BackendSpec = Annotated[LlamaCppBackendSpec, Field(discriminator="type")]
+class OllamaBackendSpec(_Strict):
+    """A model on an Ollama server, reached through the `ollama` client."""
+
+    type: Literal["ollama"]
+    base_url: str = "http://127.0.0.1:11434"
+    model: str
+    timeout: float = Field(300.0, gt=0)
+
+
+class RemoteBackendSpec(_Strict):
+    """A model behind any OpenAI-compatible API. The key is read from the environment, never stored here."""
+
+    type: Literal["remote"]
+    base_url: str
+    model: str
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    timeout: float = Field(300.0, gt=0)
+
+
+BackendSpec = Annotated[LlamaCppBackendSpec | OllamaBackendSpec | RemoteBackendSpec, Field(discriminator="type")]
 
 
 class ModelSpec(_Strict):
@@ -183,6 +244,8 @@ def builtin_models() -> ModelsFile:
 def load_models_file(settings: Settings) -> ModelsFile:
     """Read the models file (or the built-in one); ConfigError names the bad entry."""
     path = settings.models_file
+    if path is None and settings.models_file_path.is_file():
+        path = settings.models_file_path
     if path is None:
         models = builtin_models()
     else:
