@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     gpu_layers: int = Field(0, ge=-1)
     parallel: int = Field(4, ge=1, le=64, description="slots (concurrent sequences) per model")
     batch_size: int = Field(512, ge=16, description="tokens per llama_decode call (prefill chunk)")
+    ubatch_size: int = Field(
+        48, ge=8, description="tokens per llama.cpp compute pass; < 64 keeps outputs independent of batching"
+    )
     default_max_tokens: int = Field(512, ge=1)
 
     # HTTP
@@ -184,6 +187,7 @@ class LlamaCppBackendSpec(_Strict):
     gpu_layers: int | None = Field(None, ge=-1)
     parallel: int | None = Field(None, ge=1, le=64)
     batch_size: int | None = Field(None, ge=16)
+    ubatch_size: int | None = Field(None, ge=8)
     chat_template: str | None = None
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="checked by `appliance doctor`")
 

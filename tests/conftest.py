@@ -90,6 +90,8 @@ def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None, wait:
         "APPLIANCE_PORT": str(port),
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
+        # The embedding model (torch) loads on first use in tests that do not need it; saves CPU.
+        "APPLIANCE_EMBEDDINGS_PRELOAD": "false",
         **(env or {}),
     }
     log_path = tmp / f"server-{port}.log"

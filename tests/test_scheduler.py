@@ -19,7 +19,7 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def worker() -> _Worker:
     return _Worker(
-        {"path": str(embedded_smollm2()[0]), "context_size": 1024, "threads": 2, "parallel": 4, "batch_size": 48}
+        {"path": str(embedded_smollm2()[0]), "context_size": 1024, "threads": 2, "parallel": 4, "batch_size": 512}
     )
 
 
@@ -81,7 +81,11 @@ def test_slot_reuse_matches_a_cold_run(worker: _Worker) -> None:
     convo = [{"role": "user", "content": "Tell me about cats."}]
     first = run(worker, [job(worker, "t1", "Tell me about cats.")])["t1"]
     follow = [*convo, {"role": "assistant", "content": first["text"]}, {"role": "user", "content": "And dogs?"}]
-    payload = {"messages": follow, "params": {"max_tokens": 24, "temperature": 0.0, "stop": []}, "default_max_tokens": 64}
+    payload = {
+        "messages": follow,
+        "params": {"max_tokens": 24, "temperature": 0.0, "stop": []},
+        "default_max_tokens": 64,
+    }
     warm = run(worker, [worker._job("t2", payload)])["t2"]
     assert warm["start"]["cached_tokens"] > 20  # the first turn came from the slot's cache
     for slot in worker.sched.slots:  # wipe every cache: a cold run of the same prompt

@@ -215,9 +215,11 @@ SCHEMAS: dict[str, Any] = {
         },
     },
     "EventStream": {
-        "type": "string",
-        "description": "Server-sent events: `data: <JSON chunk>` lines, an error object on failure, then "
-        "`data: [DONE]`",
+        "description": "One server-sent event (OpenAPI before 3.2: `schema` describes each event). `data` is a "
+        "JSON chunk, an error object on failure, and `[DONE]` last",
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
     },
 }
 

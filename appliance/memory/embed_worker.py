@@ -7,6 +7,7 @@ child started with `spawn`; the API process sends texts over a pipe and gets uni
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import signal
 import threading
@@ -91,10 +92,8 @@ class EmbeddingProcess:
         return detail
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError, ValueError):
             self.conn.send(("stop",))
-        except (OSError, ValueError):
-            pass
         self.proc.join(5)
         if self.proc.is_alive():
             self.proc.kill()

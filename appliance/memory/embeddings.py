@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from appliance.engine.types import EngineError, Error, Event, GenerateRequest
+from appliance.memory.embed_worker import EmbeddingProcess, EmbeddingWorkerDied
 
 log = logging.getLogger("appliance.embeddings")
 
@@ -55,7 +56,9 @@ class EmbeddingService:
 
     def __init__(self, wait: float = 60.0, loader: Callable[[], Any] | None = None, threads: int = 1):
         self.wait = wait
-        self._loader = loader or (lambda: load_sentence_transformer(threads))
+        # By default the model runs in its own process (embed_worker.py): torch never loads into the API
+        # process, and a crash there costs a restart of that process, not the server.
+        self._loader = loader or (lambda: EmbeddingProcess(threads))
         self._model: Any = None
         self._error: str | None = None
         self._thread: threading.Thread | None = None
@@ -136,7 +139,23 @@ class EmbeddingService:
 
     def _encode(self, texts: list[str]) -> tuple[list[list[float]], int]:
         model = self._model
-        if hasattr(model, "encode_with_usage"):  # a proxy, e.g. the model in its own process
+        if isinstance(model, EmbeddingProcess):
+            try:
+                return model.encode_with_usage(texts)
+            except EmbeddingWorkerDied as e:
+                log.error("embedding process died (%s); starting a new one", e)
+                self._model, self._thread, self.load_seconds = None, None, None
+                self._loaded.clear()
+                self.start()
+                raise EngineError(
+                    Error(
+                        503,
+                        "The embedding process stopped unexpectedly and is restarting; retry shortly.",
+                        code="embeddings_crashed",
+                        retry_after=5.0,
+                    )
+                ) from None
+        if hasattr(model, "encode_with_usage"):  # another proxy
             return model.encode_with_usage(texts)
         vectors = model.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
         tokens = 0
@@ -149,6 +168,8 @@ class EmbeddingService:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if isinstance(self._model, EmbeddingProcess):
+            self._model.close()
         if hasattr(self._model, "close"):
             self._model.close()
 

@@ -193,6 +193,7 @@ class LlamaCppBackend:
             "gpu_layers": spec.gpu_layers if spec.gpu_layers is not None else s.gpu_layers,
             "parallel": self.parallel,
             "batch_size": spec.batch_size or s.batch_size,
+            "ubatch_size": spec.ubatch_size or s.ubatch_size,
             "chat_template": spec.chat_template,
             "verbose": s.log_level == "debug",
         }

@@ -219,8 +219,8 @@ class Scheduler:
             add(slot, seq.next_token, True)
             seq.next_token = None
         budget = self.cfg.n_batch - b.n_tokens
-        if decoding:
-            budget = min(budget, self.cfg.prefill_chunk)
+        if decoding:  # keep running streams flowing: one compute pass per step while they decode
+            budget = min(budget, max(8, self.cfg.prefill_chunk - b.n_tokens))
         for slot in active:
             seq = slot.seq
             assert seq is not None

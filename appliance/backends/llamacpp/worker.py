@@ -68,11 +68,15 @@ class _Worker:
         n_slots = spec.get("parallel", 4)
         n_ctx_slot = min(spec.get("context_size", 8192), n_train) if n_train > 0 else spec["context_size"]
         n_batch = spec.get("batch_size", 512)
+        # llama.cpp computes batches of 64+ tokens with other kernels than smaller ones, so the same prompt
+        # gives (slightly) different logits depending on how it was chunked. Compute passes under 64 tokens
+        # make outputs independent of batching and caching, for ~20% slower prompt processing.
+        n_ubatch = min(n_batch, spec.get("ubatch_size", 48))
 
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx_slot * n_slots
         cparams.n_batch = n_batch
-        cparams.n_ubatch = n_batch
+        cparams.n_ubatch = n_ubatch
         cparams.n_seq_max = n_slots
         cparams.kv_unified = bool(spec.get("kv_unified", False))
         cparams.n_threads = spec.get("threads", os.cpu_count() or 1)
@@ -81,7 +85,7 @@ class _Worker:
         self.ctx = llama_cpp.llama_init_from_model(self.model.model, cparams)
         if not self.ctx:
             raise ValueError(f"{path}: failed to create a llama.cpp context of {cparams.n_ctx} tokens")
-        self.sched = Scheduler(self.model, self.ctx, SlotConfig(n_slots, n_ctx_slot, n_batch))
+        self.sched = Scheduler(self.model, self.ctx, SlotConfig(n_slots, n_ctx_slot, n_batch, prefill_chunk=n_ubatch))
 
         meta = self.model.metadata()
         template = spec.get("chat_template") or meta.get("tokenizer.chat_template")
