@@ -148,3 +148,10 @@ def test_default_model_must_exist(tmp_path: Path) -> None:
     s = load_settings(models_file=p, default_model="b")
     with pytest.raises(ConfigError, match="default"):
         Registry(s, load_models_file(s))
+
+
+def test_example_models_file_is_valid(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parent.parent / "models" / "models.example.toml"
+    s = load_settings(models_file=example)
+    models = load_models_file(s)
+    assert [b.type for b in models.models[0].backends] == ["llamacpp", "ollama", "remote"]
