@@ -249,13 +249,13 @@ model = "default"
         str(port_file),
         "--default-model",
         "smol",
-        env={"APPLIANCE_BREAKER_FAILURES": "1", "APPLIANCE_BREAKER_COOLDOWN": "1", "APPLIANCE_RETRIES": "0"},
+        env={"APPLIANCE_BREAKER_FAILURES": "1", "APPLIANCE_BREAKER_COOLDOWN": "6", "APPLIANCE_RETRIES": "0"},
     )
     try:
         r = chat(s, "flaky", max_tokens=2)
         assert r.headers["x-appliance-backend"] == "remote"
         assert circuit(s, "flaky")[0]["circuit"]["state"] == "open"
-        time.sleep(1.2)
+        time.sleep(6.2)
         assert circuit(s, "flaky")[0]["circuit"]["state"] == "half-open"
         r = chat(s, "flaky", max_tokens=2)  # the probe fails (model still missing) → open again
         assert r.headers["x-appliance-backend"] == "remote"

@@ -97,7 +97,7 @@ def test_client_disconnect_frees_the_worker(server: Server) -> None:
         timeout=60,
     )
     assert r.status_code == 200
-    assert time.monotonic() - t0 < 3.0
+    assert time.monotonic() - t0 < 10.0  # vs ~20 s if the abandoned generation went on
     assert server.backend()["in_flight"] == 0
 
 
@@ -111,7 +111,7 @@ def test_non_streaming_disconnect_frees_the_worker(server: Server) -> None:
         timeout=60,
     )
     assert r.status_code == 200
-    assert time.monotonic() - t0 < 3.0
+    assert time.monotonic() - t0 < 10.0  # vs ~20 s if the abandoned generation went on
 
 
 def test_health_says_loading_until_the_model_serves(tmp_path) -> None:
@@ -137,11 +137,11 @@ def test_health_says_loading_until_the_model_serves(tmp_path) -> None:
 
 
 def test_sigterm_drains_in_flight_streams(tmp_path) -> None:
-    s = start_server(tmp_path, "--drain-timeout", "30")
+    s = start_server(tmp_path, "--drain-timeout", "60")
     lines: list[str] = []
     try:
         with httpx.stream(
-            "POST", f"{s.base_url}/v1/chat/completions", json={**LONG, "max_tokens": 120, "stream": True}, timeout=60
+            "POST", f"{s.base_url}/v1/chat/completions", json={**LONG, "max_tokens": 48, "stream": True}, timeout=60
         ) as r:
             for line in r.iter_lines():
                 if line.startswith("data: "):
