@@ -72,7 +72,15 @@ def test_worker_killed_mid_stream_ends_stream_with_error_then_recovers(server: S
 
 def test_worker_killed_during_non_streaming_request_gives_503(server: Server) -> None:
     pid = server.worker_pid()
-    threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()
+
+    def kill_once_generating() -> None:
+        deadline = time.monotonic() + 30
+        while server.backend()["in_flight"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGKILL)
+
+    threading.Thread(target=kill_once_generating, daemon=True).start()
     r = httpx.post(f"{server.base_url}/v1/chat/completions", json={**LONG, "max_tokens": 1500}, timeout=60)
     assert r.status_code == 503
     assert r.json()["error"]["code"] == "worker_crashed"
