@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import re
 import time
 from collections.abc import AsyncIterator
@@ -112,17 +113,23 @@ def parse_keep_alive(value: float | str | None) -> float | None:
     if value is None or value == "":
         return None
     if isinstance(value, int | float):
-        return float(value)
-    s = value.strip()
-    try:
-        return float(s)
-    except ValueError:
-        pass
-    parts = _DURATION.findall(s)
-    if not parts or "".join(n + u for n, u in parts) != s:
+        seconds = float(value)
+    else:
+        s = value.strip()
+        try:
+            seconds = float(s)
+        except ValueError:
+            parts = _DURATION.findall(s)
+            if not parts or "".join(n + u for n, u in parts) != s:
+                raise EngineError.of(400, f"invalid keep_alive duration {value!r}") from None
+            scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+            seconds = sum(float(n) * scale[u] for n, u in parts)
+    if not math.isfinite(seconds):
         raise EngineError.of(400, f"invalid keep_alive duration {value!r}")
-    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
-    return sum(float(n) * scale[u] for n, u in parts)
+    return -1.0 if seconds > _FOREVER else seconds
+
+
+_FOREVER = 10 * 365 * 86400.0  # longer than this is "forever" (and keeps datetimes in range)
 
 
 def _sampling(o: Options | None) -> SamplingParams:
