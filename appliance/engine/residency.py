@@ -77,5 +77,5 @@ class Residency:
             await asyncio.sleep(every)
             now = time.monotonic()
             for b in self.backends:
-                if b.loaded and not b.busy and b.expires_at is not None and now >= b.expires_at:
+                if b.state == "ready" and not b.busy and b.expires_at is not None and now >= b.expires_at:
                     await b.unload("idle")

@@ -165,6 +165,7 @@ class LlamaCppBackend:
         if self.state in ("loading", "ready") or self._closing:
             return
         self.state = "loading"
+        self.expires_at = None  # a stale keep-alive must not unload the model we are loading now
         self._ready.clear()
         self._start_task = asyncio.create_task(self._spawn())
 
@@ -338,7 +339,11 @@ class LlamaCppBackend:
 
     async def load(self, keep_alive: float | None = None) -> None:
         """Load now (Ollama's empty generate request) and start the keep-alive clock."""
-        await self._wait_ready(self.settings.worker_start_timeout)
+        self._in_flight += 1  # busy while it loads: the keep-alive reaper leaves it alone
+        try:
+            await self._wait_ready(self.settings.worker_start_timeout)
+        finally:
+            self._in_flight -= 1
         self._touch(keep_alive)
 
     def _touch(self, keep_alive: float | None) -> None:
