@@ -26,3 +26,26 @@ class Backend(Protocol):
     def describe(self) -> dict[str, Any]:
         """State for /health?verbose=1 and metrics."""
         ...
+
+
+class HTTPBackend:
+    """What the backends reached over HTTP (`ollama`, `remote`) share: always "ready", the circuit breaker
+    decides whether they are usable; they describe themselves by URL and upstream model."""
+
+    name = "http"
+
+    def __init__(self, model_id: str, spec: Any, settings: Any):
+        self.model_id = model_id
+        self.spec = spec
+        self.settings = settings
+        self.state = "remote"
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    async def start(self) -> None:
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": self.name, "state": self.state, "base_url": self.spec.base_url, "model": self.spec.model}

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import ollama
 
+from appliance.backends.base import HTTPBackend
 from appliance.config import OllamaBackendSpec, Settings
 from appliance.engine.types import Error, Event, Finish, GenerateRequest, Token, Usage
 
@@ -35,28 +36,15 @@ def _role(role: str) -> str:
     return "system" if role == "developer" else role
 
 
-class OllamaBackend:
+class OllamaBackend(HTTPBackend):
     name = "ollama"
 
     def __init__(self, model_id: str, spec: OllamaBackendSpec, settings: Settings):
-        self.model_id = model_id
-        self.spec = spec
-        self.settings = settings
-        self.state = "remote"
+        super().__init__(model_id, spec, settings)
         self._client = ollama.AsyncClient(host=spec.base_url, timeout=spec.timeout)
-
-    @property
-    def ready(self) -> bool:
-        return True
-
-    async def start(self) -> None:
-        return None
 
     async def close(self) -> None:
         await self._client._client.aclose()
-
-    def describe(self) -> dict[str, Any]:
-        return {"type": self.name, "state": self.state, "base_url": self.spec.base_url, "model": self.spec.model}
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
         opts = options_for(req, self.settings.default_max_tokens)

@@ -8,37 +8,25 @@ from typing import Any
 
 import openai
 
+from appliance.backends.base import HTTPBackend
 from appliance.backends.ollama import upstream_error
 from appliance.config import RemoteBackendSpec, Settings
 from appliance.engine.types import Error, Event, Finish, GenerateRequest, Token, Usage
 
 
-class RemoteBackend:
+class RemoteBackend(HTTPBackend):
     name = "remote"
 
     def __init__(self, model_id: str, spec: RemoteBackendSpec, settings: Settings):
-        self.model_id = model_id
-        self.spec = spec
-        self.settings = settings
-        self.state = "remote"
+        super().__init__(model_id, spec, settings)
         # The key comes from the environment at start; it is never logged or shown.
         key = os.environ.get(spec.api_key_env, "") if spec.api_key_env else ""
         self._client = openai.AsyncOpenAI(
             base_url=spec.base_url, api_key=key or "unused", max_retries=0, timeout=spec.timeout
         )
 
-    @property
-    def ready(self) -> bool:
-        return True
-
-    async def start(self) -> None:
-        return None
-
     async def close(self) -> None:
         await self._client.close()
-
-    def describe(self) -> dict[str, Any]:
-        return {"type": self.name, "state": self.state, "base_url": self.spec.base_url, "model": self.spec.model}
 
     def _args(self, req: GenerateRequest) -> dict[str, Any]:
         p = req.params
