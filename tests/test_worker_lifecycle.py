@@ -15,7 +15,12 @@ from tests.conftest import Server, start_server
 
 pytestmark = pytest.mark.slow
 
-LONG = {"model": "default", "messages": [{"role": "user", "content": "Write a very long essay about the sea."}]}
+# Greedy: this prompt runs to any max_tokens (sampling could stop early and finish inside a short timeout).
+LONG = {
+    "model": "default",
+    "messages": [{"role": "user", "content": "Write a very long essay about the sea."}],
+    "temperature": 0,
+}
 
 
 @pytest.fixture(scope="module")

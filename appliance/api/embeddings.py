@@ -70,7 +70,12 @@ async def create_embeddings(request: Request) -> Response:
         raise client_error(
             400, "Invalid value for 'encoding_format': use 'float' or 'base64'.", "invalid_value", "encoding_format"
         )
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise client_error(400, "Invalid type for 'user': expected a string.", "invalid_type", "user")
     dims = body.get("dimensions")
+    if dims is not None and (not isinstance(dims, int) or isinstance(dims, bool)):
+        raise client_error(400, "Invalid type for 'dimensions': expected an integer.", "invalid_type", "dimensions")
     if dims is not None and dims != service.dimensions:
         raise client_error(
             400,

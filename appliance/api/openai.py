@@ -25,8 +25,9 @@ from appliance.engine.types import Error, Finish, GenerateRequest, Message, Samp
 
 
 class _Lenient(BaseModel):
-    # Unknown fields are ignored (clients send many optional OpenAI fields); known ones are checked.
-    model_config = ConfigDict(extra="ignore")
+    # Unknown fields are ignored (clients send many optional OpenAI fields); known ones are checked
+    # strictly, as the OpenAPI document types them: "2" is not an integer, 0 is not a boolean.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class TextPart(_Lenient):
