@@ -17,6 +17,7 @@ from appliance.api import ollama, openai
 from appliance.api.errors import engine_error_handler, http_error_handler, unhandled_error_handler
 from appliance.api.streaming import ClientDisconnected, disconnected_handler
 from appliance.config import Settings, load_models_file
+from appliance.console import routes as console_routes
 from appliance.engine.registry import Registry
 from appliance.engine.router import Engine
 from appliance.engine.types import EngineError
@@ -64,7 +65,13 @@ def create_app(settings: Settings) -> Starlette:
             await engine.close()
 
     app = Starlette(
-        routes=[Route("/health", health, methods=["GET"]), *inst.routes, *openai.routes, *ollama.routes],
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            *inst.routes,
+            *openai.routes,
+            *ollama.routes,
+            *console_routes,
+        ],
         middleware=inst.middleware(),
         exception_handlers={
             EngineError: engine_error_handler,
