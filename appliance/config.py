@@ -50,6 +50,13 @@ class Settings(BaseSettings):
         48, ge=8, description="tokens per llama.cpp compute pass; < 64 keeps outputs independent of batching"
     )
     default_max_tokens: int = Field(512, ge=1)
+    stream_interval: float = Field(
+        0.025,
+        ge=0,
+        le=1,
+        description="seconds a worker gathers streamed text before sending it on (the first token and the end "
+        "go at once); fewer wake-ups of the API process and the client leave more CPU to the model; 0: every token",
+    )
 
     # HTTP
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)

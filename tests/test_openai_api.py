@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -93,6 +95,21 @@ def test_stream_matches_non_stream_and_reports_usage(client: openai.OpenAI) -> N
     assert chunks[-1].choices == []
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     assert len({c.id for c in chunks}) == 1
+
+
+def test_stream_arrives_in_pieces_as_it_is_generated(client: openai.OpenAI) -> None:
+    # APPLIANCE_STREAM_INTERVAL (25 ms) may put a few tokens in one chunk, but text keeps flowing:
+    # ~1.5 s of generation arrives in many chunks spread over that time, not at the end.
+    stream = client.chat.completions.create(
+        model="default",
+        messages=[{"role": "user", "content": "Write a very long essay about the sea."}],
+        max_tokens=128,
+        temperature=0,
+        stream=True,
+    )
+    arrivals = [time.monotonic() for c in stream if c.choices and c.choices[0].delta.content]
+    assert len(arrivals) >= 16
+    assert arrivals[len(arrivals) // 2] - arrivals[0] > 0.25 * (arrivals[-1] - arrivals[0])
 
 
 def test_stream_without_usage_option_has_no_usage(client: openai.OpenAI) -> None:

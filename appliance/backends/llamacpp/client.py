@@ -196,6 +196,7 @@ class LlamaCppBackend:
             "batch_size": spec.batch_size or s.batch_size,
             "ubatch_size": spec.ubatch_size or s.ubatch_size,
             "chat_template": spec.chat_template,
+            "stream_interval": s.stream_interval,
             "verbose": s.log_level == "debug",
         }
         self._worker = WorkerProcess(wspec, asyncio.get_running_loop(), self._on_message, self._on_exit)
