@@ -151,3 +151,16 @@ def test_embedding_errors_with_the_openai_sdk(client: openai.OpenAI) -> None:
         client.embeddings.create(model="default", input="hi")
     assert e.value.param == "model"
     assert EMBEDDING_MODEL_ID in [m.id for m in client.models.list().data]
+
+
+@pytest.mark.slow
+def test_ollama_embed_counts_tokens_like_the_openai_route(client: openai.OpenAI, appliance_server: Server) -> None:
+    texts = ["Tokenizers split unfamiliar words: antidisestablishmentarianism.", "Two words"]
+    usage = client.embeddings.create(model=EMBEDDING_MODEL_ID, input=texts).usage
+    r = httpx.post(
+        f"{appliance_server.base_url}/api/embed", json={"model": EMBEDDING_MODEL_ID, "input": texts}, timeout=60
+    )
+    assert r.status_code == 200
+    doc = r.json()
+    assert len(doc["embeddings"]) == 2 and len(doc["embeddings"][0]) == 384
+    assert doc["prompt_eval_count"] == usage.prompt_tokens > sum(len(t.split()) for t in texts)

@@ -400,14 +400,14 @@ async def embed(request: Request) -> Response:
         return ollama_error(400, f'"{entry.id}" does not support embeddings')
     texts = [body.input] if isinstance(body.input, str) else body.input
     t0 = time.monotonic()
-    vectors = await svc.embed(texts)
+    vectors, tokens = await svc.embed_with_usage(texts)
     return JSONResponse(
         {
             "model": entry.id,
             "embeddings": vectors,
             "total_duration": _ns(time.monotonic() - t0),
             "load_duration": 0,
-            "prompt_eval_count": sum(len(t.split()) for t in texts),
+            "prompt_eval_count": tokens,
         }
     )
 
