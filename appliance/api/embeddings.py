@@ -10,20 +10,27 @@ from __future__ import annotations
 
 import base64
 import struct
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from appliance.api.errors import client_error, parse_json
+from appliance.api.openai import RequestModel, parse_request
 from appliance.memory.embeddings import MAX_INPUTS, EmbeddingService
 
 
-def _inputs(body: dict[str, Any]) -> list[str]:
-    if "input" not in body:
-        raise client_error(400, "Missing required parameter: 'input'.", param="input")
-    raw = body["input"]
+class EmbeddingsIn(RequestModel):
+    model: str = Field(min_length=1)
+    input: Any  # a string or a list of strings: checked by _inputs() with messages of its own
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+def _inputs(raw: Any) -> list[str]:
     if isinstance(raw, str):
         items = [raw]
     elif isinstance(raw, list) and all(isinstance(x, str) for x in raw):
@@ -50,13 +57,9 @@ def encode_base64(vector: list[float]) -> str:
 
 
 async def create_embeddings(request: Request) -> Response:
-    body = await parse_json(request)
-    if not isinstance(body, dict):
-        raise client_error(400, "The request body must be a JSON object.")
+    body: EmbeddingsIn = parse_request(EmbeddingsIn, await parse_json(request))
     service: EmbeddingService = request.app.state.embeddings
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise client_error(400, "Missing required parameter: 'model'.", param="model")
+    model = body.model
     entry = request.app.state.engine.registry.get(model)  # 404 model_not_found if unknown
     if entry.kind != "embedding":
         raise client_error(
@@ -65,17 +68,8 @@ async def create_embeddings(request: Request) -> Response:
             code="model_not_supported",
             param="model",
         )
-    fmt = body.get("encoding_format", "float")
-    if fmt not in ("float", "base64"):
-        raise client_error(
-            400, "Invalid value for 'encoding_format': use 'float' or 'base64'.", "invalid_value", "encoding_format"
-        )
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise client_error(400, "Invalid type for 'user': expected a string.", "invalid_type", "user")
-    dims = body.get("dimensions")
-    if dims is not None and (not isinstance(dims, int) or isinstance(dims, bool)):
-        raise client_error(400, "Invalid type for 'dimensions': expected an integer.", "invalid_type", "dimensions")
+    fmt = body.encoding_format
+    dims = body.dimensions
     if dims is not None and dims != service.dimensions:
         raise client_error(
             400,
@@ -83,7 +77,7 @@ async def create_embeddings(request: Request) -> Response:
             "invalid_value",
             "dimensions",
         )
-    texts = _inputs(body)
+    texts = _inputs(body.input)
     vectors, tokens = await service.embed_with_usage(texts)
     request.state.model = entry.id
     request.state.prompt_tokens = tokens

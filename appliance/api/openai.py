@@ -24,18 +24,18 @@ from appliance.engine.types import Error, Finish, GenerateRequest, Message, Samp
 # -- request schemas ----------------------------------------------------------------------------
 
 
-class _Lenient(BaseModel):
+class RequestModel(BaseModel):
     # Unknown fields are ignored (clients send many optional OpenAI fields); known ones are checked
     # strictly, as the OpenAPI document types them: "2" is not an integer, 0 is not a boolean.
     model_config = ConfigDict(extra="ignore", strict=True)
 
 
-class TextPart(_Lenient):
+class TextPart(RequestModel):
     type: Literal["text"]
     text: str
 
 
-class ChatMessageIn(_Lenient):
+class ChatMessageIn(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -48,14 +48,14 @@ class ChatMessageIn(_Lenient):
         return "".join(p.text for p in self.content)
 
 
-class StreamOptions(_Lenient):
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
 Stop = str | Annotated[list[str], Field(max_length=4)] | None
 
 
-class _SamplingIn(_Lenient):
+class _SamplingIn(RequestModel):
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -98,7 +98,7 @@ class CompletionIn(_SamplingIn):
     echo: bool = False
 
 
-def _parse(model: type[BaseModel], data: Any) -> Any:
+def parse_request(model: type[BaseModel], data: Any) -> Any:
     if not isinstance(data, dict):
         raise client_error(400, "The request body must be a JSON object.")
     try:
@@ -151,7 +151,7 @@ def _generate_request(request: Request, body: _SamplingIn, **kw: Any) -> Generat
 
 
 async def chat_completions(request: Request) -> Response:
-    body = _parse(ChatCompletionIn, await parse_json(request))
+    body = parse_request(ChatCompletionIn, await parse_json(request))
     req = _generate_request(
         request,
         body,
@@ -226,7 +226,7 @@ async def _chat_sse(
 
 
 async def completions(request: Request) -> Response:
-    body = _parse(CompletionIn, await parse_json(request))
+    body = parse_request(CompletionIn, await parse_json(request))
     prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     req = _generate_request(request, body, prompt=prompt, params=body.sampling(body.max_tokens))
     stream = await until_disconnect(request, _engine(request).open(req))
