@@ -1,78 +1,156 @@
-"""create_app(): routes, middleware stack and lifespan (start and stop model workers)."""
+"""The composition root: settings → parts → routes, middleware and one lifespan. The whole app, top to bottom.
+
+Nothing else wires parts together: no module adds routes, patches the lifespan or reads globals later.
+Tests build the same app with other parts injected (scripted backends, a fake embedder).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 
-from appliance.agent.service import setup_agent
-from appliance.api import ollama, openai
+from appliance.agent.service import AgentService, register_models
+from appliance.api import embeddings as embeddings_api
+from appliance.api import health, ollama, openai, openapi, threads
 from appliance.api.errors import engine_error_handler, http_error_handler, unhandled_error_handler
+from appliance.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from appliance.api.streaming import ClientDisconnected, disconnected_handler
+from appliance.backends import default_factories
+from appliance.backends.base import BackendFactory
+from appliance.backends.llamacpp.residency import Residency
 from appliance.config import Settings, load_models_file
 from appliance.console import routes as console_routes
 from appliance.engine.registry import Registry
 from appliance.engine.router import Engine
 from appliance.engine.types import EngineError
-from appliance.observability.setup import Instrumentation
+from appliance.memory.embeddings import EmbeddingService
+from appliance.observability.access import AccessMiddleware
+from appliance.observability.metrics import Metrics
+from appliance.security.auth import AuthMiddleware
+from appliance.security.keys import KeyStore, log_auth_mode
+from appliance.security.limits import RateLimiter, RateLimitMiddleware
+from appliance.security.usage import UsageMiddleware, UsageStore
+from appliance.security.usage import routes as usage_routes
 
 log = logging.getLogger("appliance")
 
-
-async def health(request: Request) -> Response:
-    engine: Engine = request.app.state.engine
-    if engine.ready:
-        status, code = "ok", 200
-    else:
-        failed = all(b.state == "failed" for b in engine.registry.default.backends)
-        status, code = ("failed" if failed else "loading"), 503
-    doc: dict = {"status": status}
-    if request.query_params.get("verbose") in ("1", "true", "yes"):
-        doc["default_model"] = engine.registry.default.id
-        doc["models"] = [
-            {
-                "id": m.id,
-                "aliases": m.aliases,
-                "kind": m.kind,
-                "backends": [{**b.describe(), "circuit": engine.breaker(b).describe()} for b in m.backends],
-            }
-            for m in engine.registry
-        ]
-    return JSONResponse(doc, status_code=code)
+CORS_HEADERS = ["Authorization", "Content-Type", "X-Request-Id", "X-Thread-Id", "OpenAI-Organization"]
+CORS_EXPOSE = [
+    "X-Request-Id",
+    "X-Appliance-Backend",
+    "X-Thread-Id",
+    "Retry-After",
+    *(f"x-ratelimit-{a}-{b}" for a in ("limit", "remaining", "reset") for b in ("requests", "tokens")),
+]
 
 
-def create_app(settings: Settings) -> Starlette:
-    registry = Registry(settings, load_models_file(settings))
-    inst = Instrumentation(settings)  # keys, metrics, logs: the middleware stack (appliance/observability/setup.py)
-    engine = Engine(registry, settings, hooks=inst.hooks)
-    inst.attach(engine)
+def _version() -> str:
+    try:
+        return version("appliance")
+    except PackageNotFoundError:  # pragma: no cover
+        return "unknown"
 
+
+def create_app(
+    settings: Settings,
+    *,
+    backend_factories: Mapping[str, BackendFactory] | None = None,
+    embeddings: Any | None = None,
+    agent_model_factory: Callable[..., Any] | None = None,
+) -> Starlette:
+    # -- the parts ---------------------------------------------------------------------------------
+    residency = Residency(settings)  # which GGUF models are in memory (load on use, keep-alive, LRU)
+    factories = backend_factories or default_factories(settings, residency)
+    registry = Registry(settings, load_models_file(settings), factories)
+    metrics = Metrics(settings.data_dir, _version())
+    engine = Engine(registry, settings, hooks=metrics.hooks)
+    metrics.engine = engine
+    keys = KeyStore(settings.keys_path)
+    limiter = RateLimiter()
+    usage = UsageStore(settings.data_dir / "usage.sqlite")  # tokens per key, model and day
+    embedder = embeddings or EmbeddingService(wait=settings.embeddings_wait, threads=settings.embeddings_threads)
+    agent = AgentService(settings, engine, embedder, model_factory=agent_model_factory)
+    register_models(agent, registry, agent=settings.agent_enabled)  # `agent`, `agent:<id>`, the embedding model
+
+    # -- routes --------------------------------------------------------------------------------------
+    routes = [
+        *health.routes,
+        Route("/metrics", metrics.endpoint, methods=["GET"]),
+        Route("/openapi.json", openapi.endpoint, methods=["GET"]),
+        *openai.routes,
+        *embeddings_api.routes,
+        *(threads.routes if settings.agent_enabled else []),
+        *ollama.routes,
+        *usage_routes,
+        *console_routes,
+    ]
+
+    # -- middleware, outermost first -------------------------------------------------------------------
+    middleware = [
+        Middleware(RequestIdMiddleware),
+        Middleware(AccessMiddleware, metrics=metrics, log_prompts=settings.log_prompts),
+    ]
+    if settings.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_origins,
+                allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+                allow_headers=CORS_HEADERS,
+                expose_headers=CORS_EXPOSE,
+                max_age=600,
+            )
+        )
+    middleware += [
+        Middleware(
+            AuthMiddleware,
+            store=keys,
+            metrics_public=settings.metrics_public,
+            on_failure=lambda reason: metrics.auth_failures.labels(reason).inc(),
+        ),
+        Middleware(
+            RateLimitMiddleware,
+            store=keys,
+            limiter=limiter,
+            on_limited=lambda key, kind: metrics.rate_limited.labels(key, kind).inc(),
+        ),
+        Middleware(UsageMiddleware, store=usage),
+        Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes),
+    ]
+
+    # -- one lifespan: started in order, closed in reverse -------------------------------------------
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        await engine.start()
-        try:
-            async with inst.running():
-                yield
-        finally:
-            await engine.close()
+        async with contextlib.AsyncExitStack() as stack:
+            await residency.start()
+            stack.push_async_callback(residency.close)
+            await engine.start()  # the default model's worker spawns first: it takes longest
+            stack.push_async_callback(engine.close)
+            log_auth_mode(settings, keys)
+            usage.start()
+            stack.push_async_callback(usage.aclose)
+            await stack.enter_async_context(metrics.running())
+            stack.callback(embedder.close)
+            if settings.agent_enabled:
+                await agent.start()
+                stack.push_async_callback(agent.close)
+            elif settings.embeddings_preload:
+                embedder.start()
+            yield
 
     app = Starlette(
-        routes=[
-            Route("/health", health, methods=["GET"]),
-            *inst.routes,
-            *openai.routes,
-            *ollama.routes,
-            *console_routes,
-        ],
-        middleware=inst.middleware(),
+        routes=routes,
+        middleware=middleware,
         exception_handlers={
             EngineError: engine_error_handler,
             ClientDisconnected: disconnected_handler,
@@ -83,6 +161,9 @@ def create_app(settings: Settings) -> Starlette:
     )
     app.state.settings = settings
     app.state.engine = engine
-    app.state.instrumentation = inst
-    setup_agent(app, engine, settings)  # agent, threads, memory, embeddings (appliance/agent/service.py)
+    app.state.metrics = metrics
+    app.state.keys = keys
+    app.state.usage = usage
+    app.state.agent = agent
+    app.state.embeddings = embedder
     return app

@@ -23,6 +23,7 @@ from starlette.applications import Starlette
 from appliance.agent.service import AgentService
 from appliance.api import threads as threads_api
 from appliance.api.errors import engine_error_handler
+from appliance.api.protocol.threads import message_of
 from appliance.config import Settings
 from appliance.engine.types import EngineError, Error, Finish, GenerateRequest, Message, Token
 
@@ -122,7 +123,7 @@ def answer_of(events: list) -> str:
 
 async def thread_messages(agent: AgentService, tid: str) -> list[Any]:
     state = await agent.graph.aget_state({"configurable": {"thread_id": tid}})
-    return [threads_api.message_dict(m) for m in state.values["messages"]]
+    return [message_of(m).model_dump() for m in state.values["messages"]]
 
 
 async def test_tool_call_then_tool_then_answer(agent: AgentService, model: ScriptedModel) -> None:

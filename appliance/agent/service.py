@@ -1,11 +1,8 @@
-"""Wiring: the agent, its threads, memory and the embedding model, set up by `setup_agent(app, engine, settings)`.
+"""The agent as a service: its threads, memory and graph, and its place in the model registry.
 
-* Registers the models: `agent` (answers with the default model), `agent:<id>` for every chat model,
-  and the embedding model (kind "embedding").
-* Adds the routes: /v1/threads*, /v1/memories*, /v1/embeddings.
-* Wraps the app's lifespan: after the engine starts, the embedding model starts loading in a thread,
-  the memory store opens on its own thread, and the thread store (SQLite + AsyncSqliteSaver) and graph
-  are opened by a task — nothing here blocks start-up. On the way out, all of it is closed before the engine.
+Built by the composition root (app.py), which registers its models (`register_models`) and calls
+`start()`/`close()` from the app's lifespan: the memory store opens on its own thread and the thread
+store (SQLite + AsyncSqliteSaver) and graph are opened by a task, so nothing here blocks start-up.
 
 Heavy imports (langgraph, langchain, chromadb, torch) happen off the event loop, after start-up.
 """
@@ -15,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
@@ -28,8 +24,6 @@ from appliance.memory.embeddings import EMBEDDING_MODEL_ID, EmbeddingBackend, Em
 from appliance.memory.store import MemoryStore
 
 if TYPE_CHECKING:
-    from starlette.applications import Starlette
-
     from appliance.engine.router import Engine
 
 log = logging.getLogger("appliance.agent")
@@ -48,10 +42,14 @@ class AgentService:
     """Everything the agent needs, one per process."""
 
     def __init__(
-        self, settings: Settings, model_factory: Callable[..., Any] | None = None, embeddings: Any | None = None
+        self,
+        settings: Settings,
+        engine: Engine | None = None,
+        embeddings: Any | None = None,
+        model_factory: Callable[..., Any] | None = None,
     ):
         self.settings = settings
-        self.engine: Engine | None = None
+        self.engine = engine
         self.embeddings = embeddings or EmbeddingService(
             wait=settings.embeddings_wait, threads=settings.embeddings_threads
         )
@@ -63,9 +61,6 @@ class AgentService:
         self._opening: asyncio.Task | None = None
         self._closing = False
         self.error: str | None = None
-
-    def bind(self, engine: Engine) -> None:
-        self.engine = engine
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -124,7 +119,6 @@ class AgentService:
                 await self._opening
         await self.threads.close()
         await asyncio.to_thread(self.memory.close)
-        self.embeddings.close()
 
     # -- runs ------------------------------------------------------------------------------------
 
@@ -235,38 +229,3 @@ def register_models(service: AgentService, registry: Any, agent: bool = True) ->
             registry.add(ModelEntry(eid, [], None, [AgentBackend(service, eid, e.id)], kind="agent"))
     emb = EmbeddingBackend(service.embeddings)
     registry.add(ModelEntry(EMBEDDING_MODEL_ID, [], None, [emb], kind="embedding"))
-
-
-def setup_agent(app: Starlette, engine: Engine, settings: Settings) -> AgentService:
-    """Register the agent and embedding models and routes on `app`, and hook their start/stop into its lifespan."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
-    from appliance.api import embeddings as embeddings_api
-    from appliance.api import threads as threads_api
-
-    service = AgentService(settings)
-    service.bind(engine)
-    register_models(service, engine.registry, agent=settings.agent_enabled)
-    app.router.routes.extend(embeddings_api.routes)
-    if settings.agent_enabled:
-        app.router.routes.extend(threads_api.routes)
-    app.state.agent = service
-    app.state.embeddings = service.embeddings
-
-    inner = app.router.lifespan_context
-
-    @contextlib.asynccontextmanager
-    async def lifespan(a: Any) -> AsyncIterator[Any]:
-        async with inner(a) as state:
-            if settings.agent_enabled:
-                await service.start()
-            elif settings.embeddings_preload:
-                service.embeddings.start()
-            try:
-                yield state
-            finally:
-                await service.close()
-
-    app.router.lifespan_context = lifespan
-    return service

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from appliance.api.errors import send_error
+from appliance.engine.types import Error
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -52,7 +54,7 @@ class BodyLimitMiddleware:
             return
         for k, v in scope["headers"]:
             if k == b"content-length" and v.isdigit() and int(v) > self.max_bytes:
-                await self._reject(send)
+                await self._reject(scope, receive, send)
                 return
         # Read the (bounded) body now and replay it to the app.
         chunks: list[bytes] = []
@@ -64,7 +66,7 @@ class BodyLimitMiddleware:
             chunks.append(msg.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                await self._reject(send)
+                await self._reject(scope, receive, send)
                 return
             if not msg.get("more_body", False):
                 break
@@ -79,26 +81,11 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _reject(self, send: Send) -> None:
-        body = json.dumps(
-            {
-                "error": {
-                    "message": f"The request body is larger than the limit of {self.max_bytes} bytes.",
-                    "type": "invalid_request_error",
-                    "param": None,
-                    "code": "request_too_large",
-                }
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        err = Error(
+            413,
+            f"The request body is larger than the limit of {self.max_bytes} bytes.",
+            "invalid_request_error",
+            "request_too_large",
         )
-        await send({"type": "http.response.body", "body": body})
+        await send_error(scope, receive, send, err, {"Connection": "close"})

@@ -1,156 +1,33 @@
-"""Ollama-compatible wire format: /api/chat, /api/generate, /api/tags, /api/show, /api/ps, /api/version, /api/embed.
+"""Ollama-compatible handlers: /api/chat, /api/generate, /api/tags, /api/ps, /api/show, /api/version, /api/embed.
 
-Follows Ollama's documented fields; errors are `{"error": "..."}`. Only translation lives here.
+Thin: parse (api/protocol/ollama.py) → engine → render → frame. Errors are Ollama's `{"error": "..."}`
+(api/errors.py picks the dialect by path).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
-import math
-import re
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
 from appliance import __version__
-from appliance.api.openai import record
-from appliance.api.streaming import collect, until_disconnect
+from appliance.api.errors import client_error, error_response
+from appliance.api.protocol import ollama as wire
+from appliance.api.protocol.common import embedding_inputs, parse
+from appliance.api.sse import json_response, ndjson_response
+from appliance.api.streaming import caller, collect, note_request, pump, until_disconnect
 from appliance.catalog import peek_model_path
 from appliance.engine.registry import ModelEntry
-from appliance.engine.router import Engine, Stream
-from appliance.engine.types import EngineError, Error, Finish, GenerateRequest, Message, SamplingParams, Token
+from appliance.engine.router import Engine
+from appliance.engine.types import EngineError, GenerateRequest
 from appliance.gguf_meta import GGUFError, read_info
-
-# Ollama clients and UIs gate features on this; we implement the API of this Ollama release.
-OLLAMA_COMPAT_VERSION = "0.12.0"
-NDJSON = "application/x-ndjson"
-
-
-class _In(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class Options(_In):
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, le=1)
-    seed: int | None = None
-    num_predict: int | None = None
-    stop: list[str] | str | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repeat_penalty: float | None = Field(None, ge=0)
-
-
-class ChatMessageIn(_In):
-    role: str = Field(pattern="^(system|user|assistant|tool|developer)$")
-    content: str = ""
-
-
-class ChatIn(_In):
-    model: str = Field(min_length=1)
-    messages: list[ChatMessageIn] = []
-    stream: bool = True
-    options: Options | None = None
-    keep_alive: float | str | None = None
-
-
-class GenerateIn(_In):
-    model: str = Field(min_length=1)
-    prompt: str = ""
-    system: str | None = None
-    raw: bool = False
-    stream: bool = True
-    options: Options | None = None
-    keep_alive: float | str | None = None
-
-
-class ModelIn(_In):
-    model: str = ""
-    name: str = ""  # older clients
-
-
-class EmbedIn(_In):
-    model: str = Field(min_length=1)
-    input: str | list[str] = Field(min_length=1)
-    keep_alive: float | str | None = None
-
-
-def ollama_error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
-
-
-async def _body(request: Request, model: type[BaseModel]) -> Any:
-    raw = await request.body()
-    try:
-        data = json.loads(raw or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EngineError.of(400, f"invalid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise EngineError.of(400, "the request body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise EngineError.of(400, f"invalid {where}: {err['msg']}") from None
-
-
-_DURATION = re.compile(r"(-?\d+(?:\.\d+)?)(ms|s|m|h)")
-
-
-def parse_keep_alive(value: float | str | None) -> float | None:
-    """Ollama's keep_alive: seconds as a number, or a Go duration ("5m", "1h30m", "-1"); < 0 means forever."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        s = value.strip()
-        try:
-            seconds = float(s)
-        except ValueError:
-            parts = _DURATION.findall(s)
-            if not parts or "".join(n + u for n, u in parts) != s:
-                raise EngineError.of(400, f"invalid keep_alive duration {value!r}") from None
-            scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
-            seconds = sum(float(n) * scale[u] for n, u in parts)
-    if not math.isfinite(seconds):
-        raise EngineError.of(400, f"invalid keep_alive duration {value!r}")
-    return -1.0 if seconds > _FOREVER else seconds
-
-
-_FOREVER = 10 * 365 * 86400.0  # longer than this is "forever" (and keeps datetimes in range)
-
-
-def _sampling(o: Options | None) -> SamplingParams:
-    p = SamplingParams(temperature=0.8, top_p=0.9)  # Ollama's defaults
-    if o is None:
-        return p
-    for name in ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty"):
-        v = getattr(o, name)
-        if v is not None:
-            setattr(p, name, v)
-    if o.repeat_penalty is not None:
-        p.repeat_penalty = o.repeat_penalty
-    if o.num_predict is not None and o.num_predict > 0:
-        p.max_tokens = o.num_predict
-    if o.stop:
-        p.stop = [o.stop] if isinstance(o.stop, str) else list(o.stop)
-    return p
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _engine(request: Request) -> Engine:
@@ -164,151 +41,86 @@ def _resolve(request: Request, name: str) -> ModelEntry:
     except EngineError:
         if name.endswith(":latest"):
             return reg.get(name.removesuffix(":latest"))
-        raise EngineError.of(404, f"model '{name}' not found") from None
+        raise EngineError.of(404, f"model '{name}' not found", code="model_not_found", param="model") from None
 
 
-def _ns(seconds: float | None) -> int:
-    return int((seconds or 0) * 1e9)
-
-
-def _final(stream: Stream, finish: Finish) -> dict[str, Any]:
-    total = time.monotonic() - stream.started
-    ttft = stream.ttft or 0.0
-    return {
-        "done": True,
-        "done_reason": finish.reason,
-        "total_duration": _ns(total),
-        "load_duration": 0,
-        "prompt_eval_count": finish.usage.prompt_tokens,
-        "prompt_eval_duration": _ns(ttft),
-        "eval_count": finish.usage.completion_tokens,
-        "eval_duration": _ns(max(0.0, total - ttft)),
-    }
-
-
-async def _respond(request: Request, req: GenerateRequest, stream_out: bool, piece) -> Response:
-    """Run `req` and answer as NDJSON lines or one JSON object; `piece(text)` builds the per-chunk fields."""
-    stream = await until_disconnect(request, _engine(request).open(req))
-    model = req.model
-    headers = {"X-Appliance-Backend": stream.backend}
-    if stream_out:
-
-        async def lines() -> AsyncIterator[bytes]:
-            try:
-                async for ev in stream:
-                    if isinstance(ev, Token):
-                        obj = {"model": model, "created_at": _now(), **piece(ev.text), "done": False}
-                    elif isinstance(ev, Finish):
-                        obj = {"model": model, "created_at": _now(), **piece(""), **_final(stream, ev)}
-                    else:
-                        assert isinstance(ev, Error)
-                        obj = {"error": ev.message}
-                    yield json.dumps(obj, ensure_ascii=False).encode() + b"\n"
-            finally:
-                record(request, stream)
-                await stream.aclose()
-
-        return StreamingResponse(lines(), media_type=NDJSON, headers={**headers, "X-Accel-Buffering": "no"})
-    text, finish, err = await until_disconnect(request, collect(stream))
-    record(request, stream)
-    if err is not None:
-        return ollama_error(err.status, err.message)
-    assert finish is not None
-    return JSONResponse(
-        {"model": model, "created_at": _now(), **piece(text), **_final(stream, finish)}, headers=headers
-    )
-
-
-def _check_generative(entry: ModelEntry) -> None:
+def _generative(request: Request, name: str) -> ModelEntry:
+    entry = _resolve(request, name)
     if entry.kind == "embedding":
-        raise EngineError.of(400, f'"{entry.id}" does not support chat or generate (it is an embedding model)')
+        raise client_error(400, f'"{entry.id}" does not support chat or generate (it is an embedding model)')
+    return entry
+
+
+async def _respond(request: Request, kind: Literal["chat", "generate"], req: GenerateRequest, streamed: bool):
+    note_request(request, req)
+    stream = await until_disconnect(request, _engine(request).open(req))
+    renderer = wire.Renderer(kind, req.model, stream)
+    headers = {"X-Appliance-Backend": stream.backend}
+    if streamed:
+        return ndjson_response(pump(request, stream, renderer), headers)
+    text, finish, err = await collect(request, stream)
+    if err is not None:
+        return error_response(err, request.url.path, headers)
+    assert finish is not None
+    return json_response(renderer.whole(text, finish), headers)
 
 
 async def chat(request: Request) -> Response:
-    body: ChatIn = await _body(request, ChatIn)
-    entry = _resolve(request, body.model)
-    _check_generative(entry)
-    keep_alive = parse_keep_alive(body.keep_alive)
+    body = parse(wire.ChatRequest, await request.body())
+    entry = _generative(request, body.model)
     if not body.messages:  # Ollama: an empty chat loads (or, with keep_alive 0, unloads) the model
-        return await _load_or_unload(request, entry, keep_alive, {"message": {"role": "assistant", "content": ""}})
-    req = GenerateRequest(
-        model=entry.id,
-        messages=[Message(m.role, m.content) for m in body.messages],  # type: ignore[arg-type]
-        params=_sampling(body.options),
-        principal=getattr(request.state, "principal", None),
-        request_id=request.state.request_id,
-        keep_alive=keep_alive,
-    )
-    return await _respond(request, req, body.stream, lambda t: {"message": {"role": "assistant", "content": t}})
+        return await _load_or_unload(request, "chat", entry, wire.parse_keep_alive(body.keep_alive))
+    return await _respond(request, "chat", wire.chat_request(body, entry.id, **caller(request)), body.stream)
 
 
 async def generate(request: Request) -> Response:
-    body: GenerateIn = await _body(request, GenerateIn)
-    entry = _resolve(request, body.model)
-    _check_generative(entry)
-    keep_alive = parse_keep_alive(body.keep_alive)
+    body = parse(wire.GenerateRequest, await request.body())
+    entry = _generative(request, body.model)
     if not body.prompt and not body.system:
-        return await _load_or_unload(request, entry, keep_alive, {"response": ""})
-    common = {
-        "model": entry.id,
-        "params": _sampling(body.options),
-        "principal": getattr(request.state, "principal", None),
-        "request_id": request.state.request_id,
-        "keep_alive": keep_alive,
-    }
-    if body.raw:
-        req = GenerateRequest(prompt=body.prompt, **common)
-    else:  # Ollama applies the model's template to prompt (and system)
-        msgs = ([Message("system", body.system)] if body.system else []) + [Message("user", body.prompt)]
-        req = GenerateRequest(messages=msgs, **common)
-    return await _respond(request, req, body.stream, lambda t: {"response": t})
+        return await _load_or_unload(request, "generate", entry, wire.parse_keep_alive(body.keep_alive))
+    return await _respond(request, "generate", wire.generate_request(body, entry.id, **caller(request)), body.stream)
 
 
-async def _load_or_unload(request: Request, entry: ModelEntry, keep_alive: float | None, empty: dict) -> Response:
-    reason = "load"
-    for b in entry.backends:
-        if not hasattr(b, "unload"):
-            continue
-        if keep_alive == 0:
-            await b.unload("keep_alive 0")
-            reason = "unload"
+async def _load_or_unload(
+    request: Request, kind: Literal["chat", "generate"], entry: ModelEntry, keep_alive: float | None
+) -> Response:
+    unload = keep_alive == 0
+    backend = next((b for b in entry.backends if b.can_load), None)
+    if backend is not None:
+        if unload:
+            if getattr(request.state, "role", "admin") != "admin":
+                raise client_error(403, "Only an admin key may unload a model.", "forbidden", "keep_alive")
+            await backend.unload("keep_alive 0")
         else:
-            await b.load(keep_alive)
-        break
-    return JSONResponse({"model": entry.id, "created_at": _now(), **empty, "done": True, "done_reason": reason})
+            await backend.load(keep_alive)
+    return json_response(wire.load_response(kind, entry.id, unload))
 
 
-def _details(entry: ModelEntry) -> tuple[dict[str, Any], int, str]:
+def _details(request: Request, entry: ModelEntry) -> tuple[wire.ModelDetails, int, str]:
     """Ollama's `details` for a model, its file size and a digest-like id."""
-    b = entry.backends[0]
-    path = getattr(b, "path", None)
-    if path is None and getattr(getattr(b, "spec", None), "type", "") == "llamacpp":
-        path = peek_model_path(b.spec.path, b.settings.models_dir)
-    details: dict[str, Any] = {
-        "parent_model": "",
-        "format": "gguf",
-        "family": "",
-        "families": None,
-        "parameter_size": "",
-        "quantization_level": "",
-    }
+    st = entry.backends[0].status()
+    path: str | None = st.path
+    if st.kind == "llamacpp" and path is not None and not Path(path).is_file():  # not resolved yet
+        found = peek_model_path(path, request.app.state.settings.models_dir)
+        path = str(found) if found is not None else None
+    details = wire.ModelDetails(format="gguf" if st.kind == "llamacpp" else st.kind)
     size = 0
     if path is not None:
-        try:
-            info = read_info(path)
-            details.update(
+        with contextlib.suppress(OSError, GGUFError):
+            info = read_info(Path(path))
+            details = wire.ModelDetails(
                 family=info.architecture,
                 families=[info.architecture],
                 parameter_size=info.parameters_label,
                 quantization_level=info.quantization,
             )
             size = info.size
-        except (OSError, GGUFError):
-            pass
-    else:
-        details["format"] = getattr(b, "name", "")
     digest = hashlib.sha256(f"{entry.id}:{path}:{size}".encode()).hexdigest()
     return details, size, digest
+
+
+def _iso(t: datetime) -> str:
+    return t.isoformat().replace("+00:00", "Z")
 
 
 async def tags(request: Request) -> Response:
@@ -316,99 +128,82 @@ async def tags(request: Request) -> Response:
     for entry in _engine(request).registry:
         if entry.kind != "chat":
             continue
-        details, size, digest = _details(entry)
-        modified = datetime.fromtimestamp(entry.created, UTC).isoformat().replace("+00:00", "Z")
+        details, size, digest = _details(request, entry)
+        modified = _iso(datetime.fromtimestamp(entry.created, UTC))
         models.append(
-            {
-                "name": entry.id,
-                "model": entry.id,
-                "modified_at": modified,
-                "size": size,
-                "digest": digest,
-                "details": details,
-            }
+            wire.ModelTag(
+                name=entry.id, model=entry.id, modified_at=modified, size=size, digest=digest, details=details
+            )
         )
-    return JSONResponse({"models": models})
+    return json_response(wire.TagsResponse(models=models))
 
 
 async def ps(request: Request) -> Response:
     models = []
-    now = time.monotonic()
     for entry in _engine(request).registry:
         for b in entry.backends:
-            if not getattr(b, "loaded", False):
+            st = b.status()
+            if not st.loaded:
                 continue
-            details, _, digest = _details(entry)
+            details, _, digest = _details(request, entry)
             expires = (
-                datetime.now(UTC) + timedelta(seconds=b.expires_at - now)
-                if b.expires_at is not None
+                datetime.now(UTC) + timedelta(seconds=st.expires_in)
+                if st.expires_in is not None
                 else datetime(2318, 1, 1, tzinfo=UTC)  # Ollama's "forever"
             )
             models.append(
-                {
-                    "name": entry.id,
-                    "model": entry.id,
-                    "size": b.memory(),
-                    "digest": digest,
-                    "details": details,
-                    "expires_at": expires.isoformat().replace("+00:00", "Z"),
-                    "size_vram": 0,
-                    "context_length": b.info.get("n_ctx", 0),
-                }
+                wire.RunningModel(
+                    name=entry.id,
+                    model=entry.id,
+                    size=st.memory_bytes,
+                    digest=digest,
+                    details=details,
+                    expires_at=_iso(expires),
+                    context_length=st.context_length or 0,
+                )
             )
-    return JSONResponse({"models": models})
+    return json_response(wire.PsResponse(models=models))
 
 
 async def show(request: Request) -> Response:
-    body: ModelIn = await _body(request, ModelIn)
-    name = body.model or body.name
-    if not name:
-        return ollama_error(400, "model is required")
-    entry = _resolve(request, name)
-    details, _, _ = _details(entry)
-    b = entry.backends[0]
+    body = parse(wire.ModelRequest, await request.body())
+    entry = _resolve(request, body.target)
+    details, _, _ = _details(request, entry)
     model_info: dict[str, Any] = {}
-    path = getattr(b, "path", None)
-    caps = ["completion"]
+    path = entry.backends[0].status().path
     if path is not None:
         with contextlib.suppress(OSError, GGUFError):
-            model_info = read_info(path).metadata
-    if entry.kind == "embedding":
-        caps = ["embedding"]
-    return JSONResponse(
-        {
-            "modelfile": f"# served by the appliance\nFROM {entry.id}\n",
-            "parameters": "",
-            "template": "",
-            "details": details,
-            "model_info": model_info,
-            "capabilities": caps,
-            "modified_at": _now(),
-        }
+            model_info = read_info(Path(path)).metadata
+    caps = ["embedding"] if entry.kind == "embedding" else ["completion"]
+    return json_response(
+        wire.ShowResponse(
+            modelfile=f"# served by the appliance\nFROM {entry.id}\n",
+            details=details,
+            model_info=model_info,
+            capabilities=caps,
+            modified_at=wire.now(),
+        )
     )
 
 
 async def version(request: Request) -> Response:
-    return JSONResponse({"version": OLLAMA_COMPAT_VERSION, "appliance": __version__})
+    return json_response(wire.VersionResponse(version=wire.OLLAMA_COMPAT_VERSION, appliance=__version__))
 
 
 async def embed(request: Request) -> Response:
-    body: EmbedIn = await _body(request, EmbedIn)
-    svc = getattr(request.app.state, "embeddings", None)
+    body = parse(wire.EmbedRequest, await request.body())
     entry = _resolve(request, body.model)
+    svc = getattr(request.app.state, "embeddings", None)
     if svc is None or entry.kind != "embedding":
-        return ollama_error(400, f'"{entry.id}" does not support embeddings')
-    texts = [body.input] if isinstance(body.input, str) else body.input
+        raise client_error(400, f'"{entry.id}" does not support embeddings', param="model")
+    texts = embedding_inputs(body.input)
     t0 = time.monotonic()
     vectors, tokens = await svc.embed_with_usage(texts)
-    return JSONResponse(
-        {
-            "model": entry.id,
-            "embeddings": vectors,
-            "total_duration": _ns(time.monotonic() - t0),
-            "load_duration": 0,
-            "prompt_eval_count": tokens,
-        }
+    request.state.model, request.state.prompt_tokens = entry.id, tokens
+    return json_response(
+        wire.EmbedResponse(
+            model=entry.id, embeddings=vectors, total_duration=wire.ns(time.monotonic() - t0), prompt_eval_count=tokens
+        )
     )
 
 

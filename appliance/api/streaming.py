@@ -1,26 +1,33 @@
-"""Helpers shared by the wire adapters: collecting a stream, and stopping work when the client leaves."""
+"""Running an engine stream for a handler: stop work when the client leaves, collect or pump events,
+and leave what the access log and metrics want on `request.state` (read from the events, not the bytes)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable
+from typing import Protocol, TypeVar
 
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
 from appliance.engine.router import Stream
-from appliance.engine.types import Error, Finish, Token
+from appliance.engine.types import Error, Event, Finish, GenerateRequest, Token
 
 T = TypeVar("T")
-
-# Streams must reach the client token by token, also through Nginx.
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+CAPTURE_LIMIT = 8 * 1024  # characters of completion text kept for APPLIANCE_LOG_PROMPTS
 
 
 class ClientDisconnected(Exception):
     """The client went away before the response was ready; nobody is left to answer."""
+
+
+class Renderer(Protocol):
+    """A dialect's translation of one generation's events into wire models (api/protocol/*)."""
+
+    def start(self) -> list[BaseModel]: ...
+    def event(self, ev: Event) -> list[BaseModel]: ...
 
 
 async def until_disconnect(request: Request, aw: Awaitable[T]) -> T:
@@ -45,10 +52,34 @@ async def until_disconnect(request: Request, aw: Awaitable[T]) -> T:
     return task.result()
 
 
-async def collect(stream: Stream) -> tuple[str, Finish | None, Error | None]:
+def caller(request: Request) -> dict[str, str | None]:
+    """Who asks, for the internal request: the key's identity and the request id (for logs only)."""
+    st = request.state
+    return {"principal": getattr(st, "principal", None), "request_id": st.request_id}
+
+
+def note_request(request: Request, req: GenerateRequest) -> None:
+    """Keep the prompt for the access log, only when APPLIANCE_LOG_PROMPTS asked for it."""
+    if getattr(request.state, "capture", False):
+        text = req.prompt if req.messages is None else "\n".join(f"{m.role}: {m.content}" for m in req.messages)
+        request.state.prompt = (text or "")[:CAPTURE_LIMIT]
+
+
+def _record(request: Request, stream: Stream, text: list[str]) -> None:
+    st = request.state
+    st.model, st.backend, st.ttft = stream.model.id, stream.backend, stream.ttft
+    if stream.finish is not None:
+        st.prompt_tokens = stream.finish.usage.prompt_tokens
+        st.completion_tokens = stream.finish.usage.completion_tokens
+    if getattr(st, "capture", False):
+        st.completion = "".join(text)[:CAPTURE_LIMIT]
+
+
+async def collect(request: Request, stream: Stream) -> tuple[str, Finish | None, Error | None]:
     """Run a stream to its end: (text, finish, error)."""
     parts: list[str] = []
-    try:
+
+    async def run() -> tuple[str, Finish | None, Error | None]:
         async for ev in stream:
             if isinstance(ev, Token):
                 parts.append(ev.text)
@@ -56,9 +87,30 @@ async def collect(stream: Stream) -> tuple[str, Finish | None, Error | None]:
                 return "".join(parts), ev, None
             elif isinstance(ev, Error):
                 return "".join(parts), None, ev
+        return "".join(parts), None, Error(500, "the stream ended without finishing", "server_error")
+
+    try:
+        return await until_disconnect(request, run())
     finally:
+        _record(request, stream, parts)
         await stream.aclose()
-    return "".join(parts), None, Error(500, "the stream ended without finishing", "server_error")
+
+
+async def pump(request: Request, stream: Stream, renderer: Renderer) -> AsyncIterator[BaseModel]:
+    """Stream events through a dialect's renderer, for a framer (api/sse.py)."""
+    parts: list[str] = []
+    capture = getattr(request.state, "capture", False)
+    try:
+        for item in renderer.start():
+            yield item
+        async for ev in stream:
+            if capture and isinstance(ev, Token):
+                parts.append(ev.text)
+            for item in renderer.event(ev):
+                yield item
+    finally:
+        _record(request, stream, parts)
+        await stream.aclose()
 
 
 async def disconnected_handler(request: Request, exc: Exception) -> Response:

