@@ -1,4 +1,8 @@
-"""The `appliance` command: serve, doctor, models, bench."""
+"""The `appliance` command: serve, doctor, models, bench, keys, usage.
+
+Every `Settings` field is also a flag of `serve`, `doctor` and `models` (`context_size` is `--context-size`),
+derived from the field: its type, its `description=` and its default are what `--help` shows.
+"""
 
 from __future__ import annotations
 
@@ -7,48 +11,97 @@ import asyncio
 import contextlib
 import os
 import sys
+import types
 from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic.fields import FieldInfo
 
 from appliance.config import ConfigError, Settings, load_models_file, load_settings
 
-# Settings that have a CLI flag: (flag, settings field, type).
-_FLAGS: list[tuple[str, str, type]] = [
-    ("--host", "host", str),
-    ("--port", "port", int),
-    ("--data-dir", "data_dir", Path),
-    ("--models-file", "models_file", Path),
-    ("--default-model", "default_model", str),
-    ("--context-size", "context_size", int),
-    ("--threads", "threads", int),
-    ("--gpu-layers", "gpu_layers", int),
-    ("--parallel", "parallel", int),
-    ("--default-max-tokens", "default_max_tokens", int),
-    ("--drain-timeout", "drain_timeout", float),
-    ("--log-level", "log_level", str),
-]
+# Settings are flagged in field order; a help section starts at each of these fields (as in config.Settings).
+_SECTIONS = {
+    "host": "server",
+    "context_size": "llama.cpp (a models-file backend entry can override these)",
+    "max_body_bytes": "HTTP and queueing",
+    "keep_alive": "model residency",
+    "first_token_timeout": "fallback and resilience",
+    "agent_enabled": "agent, threads, memory and embeddings",
+    "keys_file": "security and observability",
+}
+
+_PRECEDENCE = (
+    "Settings, highest precedence first: these flags, the --config TOML file (keys are setting names), "
+    "APPLIANCE_<NAME> environment variables, a .env file in the working directory, the defaults shown."
+)
+
+_USAGE = "%(prog)s [-h] [--config PATH] [--SETTING VALUE ...]"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _shown_default(field: FieldInfo) -> str | None:
+    """The default as `--help` shows it; None when the description says what happens without a value."""
+    value: Any = field.get_default(call_default_factory=True)
+    if value is None or (field.default_factory is not None and not isinstance(value, list)):
+        return None  # e.g. threads: "physical cores" in the description says more than this host's count
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(value) or "none"
+    if isinstance(value, Path):
+        home = str(Path.home())
+        return "~" + str(value)[len(home) :] if str(value).startswith(home + os.sep) else str(value)
+    return str(value)
+
+
+def _argument(name: str, field: FieldInfo) -> dict[str, Any]:
+    """add_argument() keywords for one setting. The default stays None, so that an absent flag leaves the
+    setting to the lower-precedence sources; pydantic validates the values (one-line ConfigError)."""
+    help_text = (field.description or "").replace("%", "%%")
+    shown = _shown_default(field)
+    extra = f"default: {shown}; " if shown is not None else ""
+    kw: dict[str, Any] = {"dest": name, "default": None, "help": f"{help_text} ({extra}env APPLIANCE_{name.upper()})"}
+    typ = field.annotation
+    if get_origin(typ) in (Union, types.UnionType):  # `X | None`
+        typ = next(a for a in get_args(typ) if a is not type(None))
+    if typ is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    elif get_origin(typ) is Literal:
+        kw.update(type=str, metavar="{" + ",".join(map(str, get_args(typ))) + "}")
+    elif get_origin(typ) is list:
+        kw.update(type=str, metavar="A,B")  # Settings splits comma-separated text (or a JSON list)
+    elif typ in (int, float, str, Path):
+        kw["type"] = typ
+        kw["metavar"] = {int: "N", float: "NUM", Path: "PATH"}.get(typ)
+    else:  # pragma: no cover - a new kind of setting: pass the text on, pydantic converts it
+        kw["type"] = str
+    return kw
 
 
 def _add_settings_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="TOML file of settings (overrides the environment)")
-    for flag, field, typ in _FLAGS:
-        p.add_argument(flag, dest=field, type=typ, default=None, help=f"(APPLIANCE_{field.upper()})")
+    p.add_argument("--config", type=Path, metavar="PATH", help="TOML file of settings (overrides the environment)")
+    group = p
+    for name, field in Settings.model_fields.items():
+        if name in _SECTIONS:
+            group = p.add_argument_group(f"settings: {_SECTIONS[name]}")
+        group.add_argument(_flag(name), **_argument(name, field))
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(args.config, **{field: getattr(args, field) for _, field, _ in _FLAGS})
+    return load_settings(args.config, **{name: getattr(args, name, None) for name in Settings.model_fields})
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from appliance.observability.logging import setup_logging
     from appliance.security.keys import check_serve_security
 
-    settings = _settings(args)
-    if args.allow_unauthenticated:
-        settings = settings.model_copy(update={"allow_unauthenticated": True})
+    settings = _settings(args)  # --allow-unauthenticated is one of the settings flags
     load_models_file(settings)  # fail fast, before binding the port
     check_serve_security(settings)  # a valid keys file; without keys, only a loopback bind
     setup_logging(settings.log_level)  # JSON lines on stdout
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from appliance.server import serve
 
     with contextlib.suppress(KeyboardInterrupt):
@@ -65,15 +118,18 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description="A self-hosted LLM inference appliance.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("serve", help="run the API server")
-    _add_settings_flags(p)
-    p.add_argument(
-        "--allow-unauthenticated",
-        action="store_true",
-        help="serve a non-loopback address without API keys (APPLIANCE_ALLOW_UNAUTHENTICATED)",
+    p = sub.add_parser(
+        "serve", help="run the API server", description="Run the API server.", epilog=_PRECEDENCE, usage=_USAGE
     )
+    _add_settings_flags(p)
     p.set_defaults(func=cmd_serve)
-    p = sub.add_parser("doctor", help="check this host and the configuration")
+    p = sub.add_parser(
+        "doctor",
+        help="check this host and the configuration",
+        description="Check this host and the configuration: one OK/WARN/FAIL line per check.",
+        epilog=_PRECEDENCE,
+        usage=_USAGE,
+    )
     _add_settings_flags(p)
     p.set_defaults(func=cmd_doctor)
     p = sub.add_parser("bench", help="benchmark against llama-cpp-python in process (see scripts/bench.py)")
@@ -88,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     from appliance.security.keys_cli import add_keys_commands
 
     add_keys_commands(sub)
+    from appliance.security.usage import add_usage_command
+
+    add_usage_command(sub)
     return parser
 
 

@@ -34,22 +34,34 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="APPLIANCE_", env_file=".env", extra="ignore", validate_default=True)
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    data_dir: Path = Path.home() / ".local" / "share" / "appliance"
-    models_file: Path | None = None
-    default_model: str = DEFAULT_MODEL_ID
+    host: str = Field("127.0.0.1", description="bind address; a non-loopback one needs API keys")
+    port: int = Field(8000, ge=0, le=65535, description="bind port")
+    data_dir: Path = Field(
+        Path.home() / ".local" / "share" / "appliance", description="models, databases and caches live here"
+    )
+    models_file: Path | None = Field(
+        None,
+        description="TOML list of models and their backends; default <data_dir>/models.toml if it exists, "
+        "else the embedded model",
+    )
+    default_model: str = Field(DEFAULT_MODEL_ID, description="model loaded at start; also answers to `default`")
 
     # llama.cpp defaults; a models-file backend entry can override each of them.
-    context_size: int = Field(8192, ge=64, description="tokens of context per slot")
-    threads: int = Field(default_factory=_default_threads, ge=1)
-    gpu_layers: int = Field(0, ge=-1)
+    context_size: int = Field(
+        8192, ge=64, description="tokens of context per slot (capped at the model's training context)"
+    )
+    threads: int = Field(
+        default_factory=_default_threads, ge=1, description="llama.cpp compute threads; default: the physical CPU cores"
+    )
+    gpu_layers: int = Field(0, ge=-1, description="layers offloaded to the GPU; -1: all")
     parallel: int = Field(4, ge=1, le=64, description="slots (concurrent sequences) per model")
     batch_size: int = Field(512, ge=16, description="tokens per llama_decode call (prefill chunk)")
     ubatch_size: int = Field(
         48, ge=8, description="tokens per llama.cpp compute pass; < 64 keeps outputs independent of batching"
     )
-    default_max_tokens: int = Field(512, ge=1)
+    default_max_tokens: int = Field(
+        512, ge=1, description="generation cap when a request sets no max_tokens (a request may ask for more)"
+    )
     stream_interval: float = Field(
         0.025,
         ge=0,
@@ -59,23 +71,28 @@ class Settings(BaseSettings):
     )
 
     # HTTP
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-    drain_timeout: float = Field(30.0, ge=0)
-    max_queue: int = Field(16, ge=0, description="requests waiting for a slot, per model")
-    queue_timeout: float = Field(60.0, gt=0)
-    worker_start_timeout: float = Field(120.0, gt=0)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="request body limit in bytes (413 above)")
+    drain_timeout: float = Field(30.0, ge=0, description="seconds in-flight requests get to finish after SIGTERM")
+    max_queue: int = Field(16, ge=0, description="requests waiting for a slot, per model, before a 503")
+    queue_timeout: float = Field(60.0, gt=0, description="seconds a request may wait for a slot before a 503")
+    worker_start_timeout: float = Field(120.0, gt=0, description="seconds a model worker may take to load")
 
     # Model residency
     keep_alive: float = Field(300.0, description="seconds an idle model stays loaded; < 0 forever")
-    memory_budget: int | None = Field(None, ge=0, description="bytes for loaded models; default 80% of free RAM")
+    memory_budget: int | None = Field(
+        None,
+        ge=0,
+        description="bytes for loaded models (idle ones are unloaded, LRU first, to fit); default 80% of free RAM",
+    )
 
     # Fallback and resilience
-    first_token_timeout: float = Field(60.0, gt=0, description="seconds a backend may take to the first token")
-    request_deadline: float = Field(120.0, gt=0, description="bound on retries and fallbacks for one request")
+    first_token_timeout: float = Field(
+        60.0, gt=0, description="seconds a backend may take to the first token before the next one is tried"
+    )
+    request_deadline: float = Field(120.0, gt=0, description="seconds for all retries and fallbacks of one request")
     retries: int = Field(1, ge=0, le=10, description="retries of a transient failure on the same backend")
     breaker_failures: int = Field(3, ge=1, description="consecutive failures that open a backend's circuit")
-    breaker_cooldown: float = Field(30.0, gt=0, description="seconds before a half-open probe")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    breaker_cooldown: float = Field(30.0, gt=0, description="seconds an open circuit waits before a probe")
 
     # Agent, threads, memory, embeddings (appliance/agent, appliance/memory)
     agent_enabled: bool = Field(True, description="serve the `agent` models, /v1/threads and /v1/memories")
@@ -92,8 +109,13 @@ class Settings(BaseSettings):
     # Security and observability (appliance/security, appliance/observability)
     keys_file: Path | None = Field(None, description="API keys, TOML or JSON; default <data_dir>/keys.toml")
     allow_unauthenticated: bool = Field(False, description="serve a non-loopback address without API keys")
-    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="CORS origins, comma-sep")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="origins allowed by CORS, comma-separated or a JSON list; * for any"
+    )
     metrics_public: bool = Field(False, description="serve /metrics without a key when auth is on")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="debug also shows llama.cpp's own log"
+    )
     log_prompts: bool = Field(False, description="log prompt and completion text (debugging only)")
 
     @field_validator("cors_origins", mode="before")
