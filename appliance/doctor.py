@@ -20,7 +20,7 @@ from typing import TextIO
 import psutil
 
 from appliance.catalog import ModelFileError, embedded_smollm2, resolve_model_path, sha256_file
-from appliance.config import ConfigError, ModelsFile, Settings, load_models_file, load_settings
+from appliance.config import ConfigError, LlamaCppBackendSpec, ModelsFile, Settings, load_models_file, load_settings
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 GGUF_MAGIC = b"GGUF"
@@ -169,9 +169,9 @@ def check_models(report: Callable[[str, str, str], None], settings: Settings, mo
     sizes: dict[str, int] = {}
     for model in models.models:
         for backend in model.backends:
-            path = getattr(backend, "path", None)
-            if getattr(backend, "type", None) != "llamacpp" or path is None:
+            if not isinstance(backend, LlamaCppBackendSpec):
                 continue
+            path = backend.path
             name = f"model {model.id}"
             try:
                 file = resolve_model_path(path, settings.models_dir, progress=False)
@@ -252,10 +252,10 @@ def check_backends(report: Callable[[str, str, str], None], models: ModelsFile) 
 
     for model in models.models:
         for backend in model.backends:
-            url = getattr(backend, "base_url", None)
-            if not url:
+            if isinstance(backend, LlamaCppBackendSpec) or not backend.base_url:
                 continue
-            name = f"backend {model.id} ({getattr(backend, 'type', '?')})"
+            url = backend.base_url
+            name = f"backend {model.id} ({backend.type})"
             try:
                 r = httpx.get(str(url), timeout=2.0)
                 report(OK, name, f"{url} answered HTTP {r.status_code}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.backends import default_factories
 from appliance.config import ConfigError, load_models_file, load_settings
 from appliance.engine.registry import Registry
 
@@ -111,7 +112,7 @@ path = "embedded:gemma3-270m"
 """,
     )
     s = load_settings(models_file=p, default_model="smol")
-    reg = Registry(s, load_models_file(s))
+    reg = Registry(s, load_models_file(s), default_factories(s))
     assert reg.get("default").id == "smol"
     assert reg.get("tiny").id == "smol"
     assert reg.get("gemma").id == "gemma"
@@ -147,7 +148,7 @@ def test_default_model_must_exist(tmp_path: Path) -> None:
     )
     s = load_settings(models_file=p, default_model="b")
     with pytest.raises(ConfigError, match="default"):
-        Registry(s, load_models_file(s))
+        Registry(s, load_models_file(s), default_factories(s))
 
 
 def test_example_models_file_is_valid(tmp_path: Path) -> None:

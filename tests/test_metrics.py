@@ -12,6 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from appliance.backends.base import BackendState, BackendStatus
 from appliance.engine.router import CircuitBreaker
 from appliance.engine.types import Error, Finish, Usage
 from appliance.observability.metrics import Metrics
@@ -84,14 +85,17 @@ def test_parse_nvidia_smi() -> None:
 class FakeBackend:
     name = "llamacpp"
     ready = True
+    can_load = True
 
     def __init__(self, restarts: int = 0):
         self.restarts = restarts
 
-    def describe(self) -> dict:
-        return {"state": "ready", "in_flight": 2, "queued": 3, "slots": 4, "restarts": self.restarts}
+    def status(self) -> BackendStatus:
+        return BackendStatus(
+            "llamacpp", BackendState.READY, True, True, in_flight=2, queued=3, slots=4, restarts=self.restarts
+        )
 
-    async def stats(self) -> dict:
+    async def stats(self, timeout: float = 1.0) -> dict:
         return {"slots": 4, "slots_busy": 2, "waiting": 0, "cached_tokens": 100, "capacity_tokens": 4096}
 
 

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from appliance import doctor
-from appliance.config import Settings
+from appliance.config import LlamaCppBackendSpec, OllamaBackendSpec, RemoteBackendSpec, Settings
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "appliance.service"
@@ -573,9 +573,9 @@ def test_doctor_http_backends() -> None:
     server = HTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        up = SimpleNamespace(type="remote", base_url=f"http://127.0.0.1:{server.server_port}/v1")
-        down = SimpleNamespace(type="ollama", base_url=f"http://127.0.0.1:{free_port()}")
-        local = SimpleNamespace(type="llamacpp", path="embedded:smollm2")
+        up = RemoteBackendSpec(type="remote", base_url=f"http://127.0.0.1:{server.server_port}/v1", model="x")
+        down = OllamaBackendSpec(type="ollama", base_url=f"http://127.0.0.1:{free_port()}", model="x")
+        local = LlamaCppBackendSpec(type="llamacpp", path="embedded:smollm2")
         models = SimpleNamespace(models=[SimpleNamespace(id="m", backends=[up, down, local])])
         report = Recorder()
         doctor.check_backends(report, models)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from appliance.backends.llamacpp.protocol import Failed, Finished, FirstToken, GenRequest, Started, Text
 from appliance.backends.llamacpp.scheduler import Job
 from appliance.backends.llamacpp.worker import _Worker
 from appliance.catalog import embedded_smollm2
+from appliance.engine.types import Message, SamplingParams
 
 PROMPTS = [
     "Name three colours.",
@@ -23,13 +25,13 @@ def worker() -> _Worker:
     )
 
 
+def gen(rid: str, messages: list[Message], **params) -> GenRequest:
+    sampling = SamplingParams(**{"max_tokens": 24, "temperature": 0.0, **params})
+    return GenRequest(rid, messages, None, sampling, default_max_tokens=64)
+
+
 def job(w: _Worker, rid: str, content: str, **params) -> Job:
-    payload = {
-        "messages": [{"role": "user", "content": content}],
-        "params": {"max_tokens": 24, "temperature": 0.0, "stop": [], **params},
-        "default_max_tokens": 64,
-    }
-    return w._job(rid, payload)
+    return w._job(gen(rid, [Message("user", content)], **params))
 
 
 def run(w: _Worker, jobs: list[Job], cancel_after: dict[str, int] | None = None) -> dict[str, dict]:
@@ -39,12 +41,16 @@ def run(w: _Worker, jobs: list[Job], cancel_after: dict[str, int] | None = None)
         w.sched.submit(j)
     steps = 0
     while w.sched.busy:
-        for rid, kind, data in w.sched.step():
-            if kind == "token":
-                out[rid]["text"] += data
-                out[rid]["tokens"] += 1
-            elif kind in ("finish", "start", "error"):
-                out[rid][kind] = data
+        for ev in w.sched.step():
+            if isinstance(ev, Text):
+                out[ev.id]["text"] += ev.text
+                out[ev.id]["tokens"] += 1
+            elif isinstance(ev, Finished):
+                out[ev.id]["finish"] = ev
+            elif isinstance(ev, Started):
+                out[ev.id]["start"] = ev
+            elif isinstance(ev, Failed):
+                out[ev.id]["error"] = ev.error
         steps += 1
         for rid, n in (cancel_after or {}).items():
             if out[rid]["tokens"] >= n and "cancelled" not in out[rid]:
@@ -60,9 +66,8 @@ def test_batched_equals_unbatched_at_temperature_zero(worker: _Worker) -> None:
     together = run(worker, [job(worker, f"b{i}", p) for i, p in enumerate(PROMPTS)])
     for i in range(len(PROMPTS)):
         assert together[f"b{i}"]["text"] == alone[f"a{i}"]["text"], PROMPTS[i]
-        assert together[f"b{i}"]["finish"]["usage"] == alone[f"a{i}"]["finish"]["usage"] | {
-            "cached_tokens": together[f"b{i}"]["finish"]["usage"]["cached_tokens"]
-        }
+        t, a = together[f"b{i}"]["finish"].usage, alone[f"a{i}"]["finish"].usage
+        assert (t.prompt_tokens, t.completion_tokens) == (a.prompt_tokens, a.completion_tokens)
 
 
 def test_same_seed_same_output_when_batched(worker: _Worker) -> None:
@@ -78,42 +83,32 @@ def test_same_seed_same_output_when_batched(worker: _Worker) -> None:
 
 
 def test_slot_reuse_matches_a_cold_run(worker: _Worker) -> None:
-    convo = [{"role": "user", "content": "Tell me about cats."}]
+    convo = [Message("user", "Tell me about cats.")]
     first = run(worker, [job(worker, "t1", "Tell me about cats.")])["t1"]
-    follow = [*convo, {"role": "assistant", "content": first["text"]}, {"role": "user", "content": "And dogs?"}]
-    payload = {
-        "messages": follow,
-        "params": {"max_tokens": 24, "temperature": 0.0, "stop": []},
-        "default_max_tokens": 64,
-    }
-    warm = run(worker, [worker._job("t2", payload)])["t2"]
-    assert warm["start"]["cached_tokens"] > 20  # the first turn came from the slot's cache
+    follow = [*convo, Message("assistant", first["text"]), Message("user", "And dogs?")]
+    warm = run(worker, [worker._job(gen("t2", follow))])["t2"]
+    assert warm["start"].cached_tokens > 20  # the first turn came from the slot's cache
     for slot in worker.sched.slots:  # wipe every cache: a cold run of the same prompt
         slot.tokens.clear()
     import llama_cpp
 
     llama_cpp.llama_memory_clear(worker.sched.mem, True)
-    cold = run(worker, [worker._job("t3", payload)])["t3"]
-    assert cold["start"]["cached_tokens"] == 0
+    cold = run(worker, [worker._job(gen("t3", follow))])["t3"]
+    assert cold["start"].cached_tokens == 0
     assert warm["text"] == cold["text"]
 
 
 def test_interleaved_conversations_each_keep_their_slot(worker: _Worker) -> None:
     topics = ["cats", "the moon", "pizza", "rivers"]
-    histories = {t: [{"role": "user", "content": f"Tell me about {t}."}] for t in topics}
+    histories = {t: [Message("user", f"Tell me about {t}.")] for t in topics}
     previous: dict[str, int] = {}
     for turn in range(2):
         for t in topics:  # one request at a time, round-robin: each must land in its own slot
-            payload = {
-                "messages": histories[t],
-                "params": {"max_tokens": 16, "temperature": 0.0, "stop": []},
-                "default_max_tokens": 64,
-            }
-            r = run(worker, [worker._job(f"{t}{turn}", payload)])[f"{t}{turn}"]
+            r = run(worker, [worker._job(gen(f"{t}{turn}", list(histories[t]), max_tokens=16))])[f"{t}{turn}"]
             if turn == 1:  # the whole previous prompt (and most of the answer) came from this slot's cache
-                assert r["start"]["cached_tokens"] >= previous[t] + 8, t
-            previous[t] = r["start"]["prompt_tokens"]
-            histories[t] += [{"role": "assistant", "content": r["text"]}, {"role": "user", "content": "More."}]
+                assert r["start"].cached_tokens >= previous[t] + 8, t
+            previous[t] = r["start"].prompt_tokens
+            histories[t] += [Message("assistant", r["text"]), Message("user", "More.")]
 
 
 def test_cancel_and_stop_of_one_leave_the_others_unchanged(worker: _Worker) -> None:
@@ -133,7 +128,7 @@ def test_cancel_and_stop_of_one_leave_the_others_unchanged(worker: _Worker) -> N
     assert mixed["d0"]["cancelled"] is True and "finish" not in mixed["d0"]
     assert mixed["d2"]["text"] == base["c2"]["text"]
     assert mixed["d1"]["text"] == base["c1"]["text"][: base["c1"]["text"].index(stop)]
-    assert mixed["d1"]["finish"]["reason"] == "stop"
+    assert mixed["d1"]["finish"].reason == "stop"
     assert not worker.sched.busy and all(s.seq is None for s in worker.sched.slots)
 
 
@@ -147,9 +142,9 @@ def test_long_prompt_is_prefilled_in_chunks_while_others_decode(worker: _Worker)
     short_tokens_during_prefill = 0
     long_started = False
     while w.sched.busy:
-        for rid, kind, _ in w.sched.step():
-            if rid == "long" and kind == "first":
+        for ev in w.sched.step():
+            if ev.id == "long" and isinstance(ev, FirstToken):
                 long_started = True
-            if rid == "short" and kind == "token" and not long_started:
+            if ev.id == "short" and isinstance(ev, Text) and not long_started:
                 short_tokens_during_prefill += 1
     assert short_tokens_during_prefill >= 3  # the running stream kept flowing while the newcomer prefilled

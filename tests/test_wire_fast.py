@@ -71,8 +71,6 @@ class FakeEmbedder:
 
     def start(self) -> None: ...
     def close(self) -> None: ...
-    def describe(self) -> dict[str, Any]:
-        return {"state": "ready"}
 
 
 HELLO: list[Event] = [Token("Hel"), Token("lo"), Finish("stop", Usage(5, 2, 1))]
@@ -82,7 +80,7 @@ HELLO: list[Event] = [Token("Hel"), Token("lo"), Finish("stop", Usage(5, 2, 1))]
 async def client(tmp_path, script: list[Event] | EngineError = HELLO, **settings: Any):
     backend = Scripted(script)
     s = Settings(
-        data_dir=tmp_path, agent_enabled=False, embeddings_preload=False, keys_path=tmp_path / "keys.toml", **settings
+        data_dir=tmp_path, agent_enabled=False, embeddings_preload=False, keys_file=tmp_path / "keys.toml", **settings
     )
     app = create_app(s, backend_factories={"llamacpp": lambda model_id, spec: backend}, embeddings=FakeEmbedder())
     async with app.router.lifespan_context(app):

@@ -16,7 +16,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-from appliance.agent.threads import THREAD_ID, ThreadStore
+from appliance.agent.threads import THREAD_ID, ThreadStore, stored_id
+from appliance.backends.base import BackendState, BackendStatus
 from appliance.config import Settings
 from appliance.engine.registry import ModelEntry
 from appliance.engine.types import EngineError, Error, Event, GenerateRequest, Token
@@ -157,33 +158,34 @@ class AgentService:
         if not any(m.role in ("user", "tool") for m in req.messages or []):
             raise EngineError.of(400, "The agent needs at least one user message.", param="messages")
         await self.ready()
-        meta = await self.threads.get(tid)
-        if meta is not None and meta.scope != req.scope:
-            raise EngineError.of(
-                403, f"Thread '{tid}' belongs to another user.", code="thread_forbidden", param="X-Thread-Id"
-            )
-        if tid in self.busy:
+        # Thread ids are per owner (agent/threads.py): another key's `t1` is not this key's `t1`, so there
+        # is no "belongs to someone else" answer to learn from. `key` is the stored id; `tid` the client's.
+        key = stored_id(req.scope, tid)
+        meta = await self.threads.get(key)
+        if key in self.busy:
             raise EngineError.of(
                 409,
                 f"Thread '{tid}' is busy with another request; retry when it has finished.",
                 code="thread_busy",
                 param="X-Thread-Id",
             )
-        self.busy.add(tid)  # no await since the check: nothing can slip in between
+        self.busy.add(key)  # no await since the check: nothing can slip in between
         try:
             yield Token("")  # admitted: the run's own errors (timeouts, memory) now come as events
             from appliance.agent.runner import run_agent
 
-            async for ev in run_agent(self, req, tid, meta is None, entry_id, model_id):
+            async for ev in run_agent(self, req, key, meta is None, entry_id, model_id):
                 yield ev
         finally:
-            self.busy.discard(tid)
+            self.busy.discard(key)
 
 
 class AgentBackend:
     """The agent as a backend of a registry entry (kind "agent")."""
 
     name = "agent"
+    pinned = False
+    can_load = False
 
     def __init__(self, service: AgentService, entry_id: str, model_id: str):
         self.service, self.entry_id, self.model_id = service, entry_id, model_id
@@ -194,28 +196,41 @@ class AgentBackend:
     async def close(self) -> None:
         pass
 
+    async def load(self, keep_alive: float | None = None) -> None:
+        return None
+
+    async def unload(self, reason: str) -> None:
+        return None
+
+    async def stats(self, timeout: float = 1.0) -> dict[str, Any] | None:
+        return None
+
     @property
     def ready(self) -> bool:
         return self.service.graph is not None
 
-    @property
-    def state(self) -> str:
-        if self.service.graph is not None:
-            return "ready"
-        return "failed" if self.service.error else "loading"
+    def status(self) -> BackendStatus:
+        svc = self.service
+        if svc.graph is not None:
+            state = BackendState.READY
+        else:
+            state = BackendState.FAILED if svc.error else BackendState.LOADING
+        return BackendStatus(
+            kind="agent",
+            state=state,
+            loaded=False,
+            serviceable=state is BackendState.READY,
+            in_flight=len(svc.busy),
+            error=svc.error,
+            upstream_model=self.model_id,
+            details={
+                "memory": "ready" if svc.memory.ready else (svc.memory.error or "loading"),
+                "embeddings": svc.embeddings.state,
+            },
+        )
 
     def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
         return self.service.generate(req, self.entry_id, self.model_id)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "state": self.state,
-            "chat_model": self.model_id,
-            "active_threads": len(self.service.busy),
-            "memory": "ready" if self.service.memory.ready else (self.service.memory.error or "loading"),
-            "embeddings": self.service.embeddings.state,
-        }
 
 
 def register_models(service: AgentService, registry: Any, agent: bool = True) -> None:

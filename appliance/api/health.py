@@ -14,6 +14,7 @@ from starlette.routing import Route
 
 from appliance.api.protocol import health as wire
 from appliance.api.sse import json_response
+from appliance.backends.base import BackendState
 from appliance.engine.router import Engine
 from appliance.security.roles import require_role
 
@@ -24,7 +25,7 @@ async def health(request: Request) -> Response:
     if engine.ready:
         status, code = "ok", 200
     else:
-        failed = all(b.status().state == "failed" for b in engine.registry.default.backends)
+        failed = all(b.status().state is BackendState.FAILED for b in engine.registry.default.backends)
         status, code = ("failed" if failed else "loading"), 503
     doc = wire.Health(status=status)
     role = getattr(request.state, "role", None)  # None: no valid key (security/auth.py)

@@ -1,4 +1,8 @@
-"""A model on an Ollama server, through the official `ollama` client (Ollama's native API)."""
+"""A model on an Ollama server, through the official `ollama` client (Ollama's native API).
+
+Imported only when a models file configures an `ollama` backend (see `appliance.backends.default_factories`),
+so the `ollama` package costs nothing at start-up otherwise.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from typing import Any
 import httpx
 import ollama
 
-from appliance.backends.base import HTTPBackend
+from appliance.backends.http import HTTPBackend, upstream_error
 from appliance.config import OllamaBackendSpec, Settings
 from appliance.engine.types import Error, Event, Finish, GenerateRequest, Token, Usage
 
@@ -46,7 +50,7 @@ class OllamaBackend(HTTPBackend):
     async def close(self) -> None:
         await self._client._client.aclose()
 
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
+    async def _stream(self, req: GenerateRequest) -> AsyncIterator[Event]:
         opts = options_for(req, self.settings.default_max_tokens)
         keep_alive = req.keep_alive
         try:
@@ -72,13 +76,3 @@ class OllamaBackend(HTTPBackend):
             yield Error(504, f"Ollama at {self.spec.base_url} timed out.", "server_error", "upstream_timeout")
         except (ConnectionError, httpx.TransportError) as e:
             yield Error(503, f"Cannot reach Ollama at {self.spec.base_url}: {e}", "server_error", "connection_error")
-
-
-def upstream_error(who: str, status: int, message: str) -> Error:
-    """Classify an upstream HTTP error: 429/5xx are the backend's trouble (fall back), 400 is the request's."""
-    if status == 429:
-        return Error(429, f"{who} is rate limiting: {message}", "rate_limit_exceeded", "rate_limited", retry_after=1.0)
-    if status in (400, 422):
-        return Error(400, f"{who} rejected the request: {message}", "invalid_request_error", "upstream_invalid_request")
-    # 401/403/404 (a misconfigured backend: wrong key or model name) and 5xx: this backend cannot serve.
-    return Error(502, f"{who} answered {status}: {message}", "server_error", "upstream_error")

@@ -1,4 +1,8 @@
-"""A model behind any OpenAI-compatible API, through the official `openai` client."""
+"""A model behind any OpenAI-compatible API, through the official `openai` client.
+
+Imported only when a models file configures a `remote` backend (see `appliance.backends.default_factories`),
+so the `openai` SDK (~1 s to import) costs nothing at start-up otherwise.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,7 @@ from typing import Any
 
 import openai
 
-from appliance.backends.base import HTTPBackend
-from appliance.backends.ollama import upstream_error
+from appliance.backends.http import HTTPBackend, upstream_error
 from appliance.config import RemoteBackendSpec, Settings
 from appliance.engine.types import Error, Event, Finish, GenerateRequest, Token, Usage
 
@@ -48,7 +51,7 @@ class RemoteBackend(HTTPBackend):
             args["user"] = req.user
         return args
 
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
+    async def _stream(self, req: GenerateRequest) -> AsyncIterator[Event]:
         args = self._args(req)
         reason: str | None = None
         usage = Usage()

@@ -3,22 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from appliance.backends.base import Backend
-from appliance.backends.llamacpp.client import LlamaCppBackend
-from appliance.backends.ollama import OllamaBackend
-from appliance.backends.remote import RemoteBackend
-from appliance.config import (
-    BackendSpec,
-    ConfigError,
-    LlamaCppBackendSpec,
-    ModelsFile,
-    ModelSpec,
-    OllamaBackendSpec,
-    Settings,
-)
-from appliance.engine.residency import Residency
+from appliance.backends.base import Backend, BackendFactory
+from appliance.config import BackendSpec, ConfigError, ModelsFile, ModelSpec, Settings
 from appliance.engine.types import EngineError
 
 
@@ -32,18 +21,13 @@ class ModelEntry:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def make_backend(model_id: str, spec: BackendSpec, settings: Settings, residency: Residency) -> Backend:
-    if isinstance(spec, LlamaCppBackendSpec):
-        return LlamaCppBackend(model_id, spec, settings, residency)
-    if isinstance(spec, OllamaBackendSpec):
-        return OllamaBackend(model_id, spec, settings)
-    return RemoteBackend(model_id, spec, settings)
-
-
 class Registry:
-    def __init__(self, settings: Settings, models: ModelsFile):
+    """Built from the models file with `factories` (backend spec `type` -> factory), given by the composition
+    root: the engine never imports a concrete backend."""
+
+    def __init__(self, settings: Settings, models: ModelsFile, factories: Mapping[str, BackendFactory]):
         self.settings = settings
-        self.residency = Residency(settings)
+        self.factories = factories
         self.entries: dict[str, ModelEntry] = {}
         self._names: dict[str, ModelEntry] = {}
         for spec in models.models:
@@ -51,7 +35,7 @@ class Registry:
                 id=spec.id,
                 aliases=list(spec.aliases),
                 spec=spec,
-                backends=[make_backend(spec.id, b, settings, self.residency) for b in spec.backends],
+                backends=[self._make(spec.id, b) for b in spec.backends],
             )
             self.entries[spec.id] = entry
             for name in (spec.id, *spec.aliases):
@@ -68,8 +52,13 @@ class Registry:
         self._names["default"] = default
         self.default = default
         for b in default.backends:
-            if isinstance(b, LlamaCppBackend):
-                b.pinned = True
+            b.pinned = True
+
+    def _make(self, model_id: str, spec: BackendSpec) -> Backend:
+        factory = self.factories.get(spec.type)
+        if factory is None:
+            raise ConfigError(f"model {model_id!r}: no backend of type {spec.type!r} is available")
+        return factory(model_id, spec)
 
     def add(self, entry: ModelEntry) -> None:
         """Register an entry the appliance provides itself (e.g. `agent`)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from appliance.config import Settings
@@ -20,7 +20,15 @@ from appliance.engine.registry import ModelEntry, Registry
 from appliance.engine.types import EngineError, Error, Event, Finish, GenerateRequest, Token
 
 # Errors that say "this backend cannot serve now" (fall back) rather than "this request is wrong".
-_TRANSIENT_CODES = {"worker_crashed", "worker_unavailable", "connection_error", "upstream_error", "rate_limited"}
+_TRANSIENT_CODES = {
+    "worker_crashed",
+    "worker_unavailable",
+    "model_unloaded",
+    "connection_error",
+    "upstream_error",
+    "rate_limited",
+}
+Clock = Callable[[], float]
 
 
 def is_backend_failure(err: Error) -> bool:
@@ -41,8 +49,9 @@ class EngineHooks:
 class CircuitBreaker:
     """closed → (N consecutive failures) → open → (cool-down) → half-open: one probe → closed or open."""
 
-    def __init__(self, failures: int, cooldown: float):
+    def __init__(self, failures: int, cooldown: float, clock: Clock = time.monotonic):
         self.threshold, self.cooldown = failures, cooldown
+        self.clock = clock
         self.failures = 0
         self.opened_at: float | None = None
         self._probing = False
@@ -51,7 +60,7 @@ class CircuitBreaker:
     def state(self) -> str:
         if self.opened_at is None:
             return "closed"
-        return "half-open" if time.monotonic() - self.opened_at >= self.cooldown else "open"
+        return "half-open" if self.clock() - self.opened_at >= self.cooldown else "open"
 
     def allow(self) -> bool:
         state = self.state
@@ -69,7 +78,7 @@ class CircuitBreaker:
         self.failures += 1
         self._probing = False
         if self.failures >= self.threshold or self.opened_at is not None:
-            self.opened_at = time.monotonic()
+            self.opened_at = self.clock()
 
     def describe(self) -> dict:
         return {"state": self.state, "consecutive_failures": self.failures}
@@ -115,37 +124,48 @@ class Stream:
 
 
 class Engine:
-    def __init__(self, registry: Registry, settings: Settings, hooks: EngineHooks | None = None):
+    """`clock` (monotonic seconds) drives deadlines and breakers and `sleep` the retry back-off: tests
+    inject a fake pair and need no real waits."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        settings: Settings,
+        hooks: EngineHooks | None = None,
+        clock: Clock = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ):
         self.registry = registry
         self.settings = settings
         self.hooks = hooks or EngineHooks()
+        self.clock = clock
+        self.sleep = sleep
         self.breakers: dict[int, CircuitBreaker] = {}
 
     def breaker(self, backend: object) -> CircuitBreaker:
         key = id(backend)
         if key not in self.breakers:
-            self.breakers[key] = CircuitBreaker(self.settings.breaker_failures, self.settings.breaker_cooldown)
+            s = self.settings
+            self.breakers[key] = CircuitBreaker(s.breaker_failures, s.breaker_cooldown, self.clock)
         return self.breakers[key]
 
     async def start(self) -> None:
         """Begin loading the default model's first backend; others load on first use."""
-        await self.registry.residency.start()
         await self.registry.default.backends[0].start()
 
     async def close(self) -> None:
-        await self.registry.residency.close()
         await asyncio.gather(*(b.close() for m in self.registry for b in m.backends), return_exceptions=True)
 
     @property
     def ready(self) -> bool:
         """The default model can serve (a loaded model, one that reloads on demand, or a remote backend)."""
-        return any(getattr(b, "serviceable", b.ready) for b in self.registry.default.backends)
+        return any(b.status().serviceable for b in self.registry.default.backends)
 
     async def open(self, req: GenerateRequest) -> Stream:
         """Start `req` on the first backend that can; raise EngineError when none can."""
         entry = self.registry.get(req.model)
         s = self.settings
-        deadline = time.monotonic() + s.request_deadline
+        deadline = self.clock() + s.request_deadline
         last: Error | None = None
         for backend in entry.backends:
             breaker = self.breaker(backend)
@@ -160,7 +180,7 @@ class Engine:
                 )
                 continue
             for attempt in range(s.retries + 1):
-                left = deadline - time.monotonic()
+                left = deadline - self.clock()
                 if left <= 0:
                     break
                 started = time.monotonic()
@@ -182,9 +202,10 @@ class Engine:
                     last = e.error
                     if e.error.code in ("queue_full", "queue_timeout"):
                         break  # busy, not broken: try the next backend, don't trip the breaker
-                    breaker.failure()
+                    if e.error.code != "model_unloaded":  # someone unloaded it: not the backend's fault
+                        breaker.failure()
                     if e.error.code in _TRANSIENT_CODES and attempt < s.retries and breaker.allow():
-                        await asyncio.sleep(min(deadline - time.monotonic(), _backoff(attempt)))
+                        await self.sleep(max(0.0, min(deadline - self.clock(), _backoff(attempt))))
                         continue
                     break
                 breaker.success()

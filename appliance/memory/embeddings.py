@@ -156,15 +156,6 @@ class EmbeddingService:
         if hasattr(self._model, "close"):
             self._model.close()
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": "sentence-transformers",
-            "state": self.state,
-            "dimensions": self.dimensions,
-            "load_seconds": None if self.load_seconds is None else round(self.load_seconds, 2),
-            "error": self._error,
-        }
-
 
 class EmbeddingBackend:
     """The embedding model's place in the registry (kind "embedding"): listed in /v1/models, no chat."""
@@ -223,7 +214,3 @@ class EmbeddingBackend:
             param="model",
         )
         yield  # pragma: no cover - makes this an async generator
-
-    def describe(self) -> dict[str, Any]:
-        """Deprecated: use status().as_dict()."""
-        return self.status().as_dict()

@@ -180,7 +180,8 @@ class Metrics:
         )
         self.rate_limited = Counter(
             "appliance_rate_limited",
-            "Requests refused with 429 by a key's limits (limit: requests, tokens, streams)",
+            "Requests refused with 429 by a key's limits (limit: requests, tokens, streams; "
+            "key: the key's name, or 'other' when there are more than 100 keys)",
             ["key", "limit"],
             registry=r,
         )
@@ -228,24 +229,23 @@ class Metrics:
             seen: dict[str, int] = {}
             for backend in entry.backends:
                 try:
-                    d = backend.describe()
+                    st = backend.status()
                 except Exception:
                     continue
-                q += int(d.get("queued") or 0)
-                n += int(d.get("in_flight") or 0)
-                state = d.get("state")
-                if state in ("loading", "ready") and "slots" in d:
-                    s += int(d.get("slots") or 0)
+                q += st.queued
+                n += st.in_flight
+                if st.loaded:
+                    s += st.slots or 0
                     is_loaded = True
-                mem += int(d.get("memory_bytes") or 0)
-                name = getattr(backend, "name", "unknown")
+                mem += st.memory_bytes
+                name = backend.name
                 seen[name] = seen.get(name, 0) + 1
                 label = name if seen[name] == 1 else f"{name}#{seen[name]}"
-                ready.add_metric([entry.id, label], 1.0 if getattr(backend, "ready", False) else 0.0)
+                ready.add_metric([entry.id, label], 1.0 if backend.ready else 0.0)
                 br = engine.breaker(backend).describe()["state"]
                 breaker.add_metric([entry.id, label], BREAKER_STATES.get(br, 0))
-                if "restarts" in d:
-                    restarts.add_metric([entry.id, label], float(d["restarts"]))
+                if backend.can_load:  # backends with a worker process of their own
+                    restarts.add_metric([entry.id, label], float(st.restarts))
             queue.add_metric([entry.id], q)
             inflight.add_metric([entry.id], n)
             slots.add_metric([entry.id], s)
@@ -299,11 +299,10 @@ class Metrics:
             kv: dict[str, dict[str, float]] = {}
             for entry in engine.registry:
                 for backend in entry.backends:
-                    stats_fn = getattr(backend, "stats", None)
-                    if stats_fn is None or not getattr(backend, "ready", False):
+                    if not backend.ready:
                         continue
                     try:
-                        st = await stats_fn()
+                        st = await backend.stats()
                     except Exception:
                         st = None
                     if not st:

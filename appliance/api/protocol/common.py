@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_serializer
 
 from appliance.engine.types import EngineError, Error
 
@@ -23,6 +23,14 @@ class ResponseModel(BaseModel):
 
 
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on inputs per embeddings request, on both APIs
+
+
+class OmitNone(ResponseModel):
+    """Serialized without its None fields: a delta carries only what changed, a final line only its facts."""
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 def client_error(status: int, message: str, code: str | None = None, param: str | None = None) -> EngineError:

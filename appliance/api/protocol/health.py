@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from appliance.api.protocol.common import ResponseModel
+from appliance.api.protocol.common import OmitNone, ResponseModel
 from appliance.api.protocol.threads import Query
 
 
@@ -27,7 +27,7 @@ class ModelHealth(ResponseModel):
     backends: list[dict[str, Any]]
 
 
-class Health(ResponseModel):
+class Health(OmitNone):
     status: Literal["ok", "loading", "failed"]
     default_model: str | None = None
     models: list[ModelHealth] | None = None

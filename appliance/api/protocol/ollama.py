@@ -12,9 +12,9 @@ import time
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import Field, model_serializer
+from pydantic import Field
 
-from appliance.api.protocol.common import RequestModel, ResponseModel, client_error
+from appliance.api.protocol.common import OmitNone, RequestModel, ResponseModel, client_error
 from appliance.engine import types as core
 from appliance.engine.router import Stream
 
@@ -161,18 +161,12 @@ def timestamp(t: datetime) -> str:
     return t.isoformat().replace("+00:00", "Z")
 
 
-class _OmitNone(ResponseModel):
-    @model_serializer(mode="wrap")
-    def _drop_none(self, handler: Any) -> dict[str, Any]:
-        return {k: v for k, v in handler(self).items() if v is not None}
-
-
 class AssistantMessage(ResponseModel):
     role: Literal["assistant"] = "assistant"
     content: str
 
 
-class _Final(_OmitNone):
+class _Final(OmitNone):
     """Fields of the last line of a generation (and of a load/unload answer)."""
 
     model: str

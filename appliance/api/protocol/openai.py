@@ -10,9 +10,9 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_serializer
+from pydantic import BaseModel, Field, field_validator
 
-from appliance.api.protocol.common import RequestModel, ResponseModel
+from appliance.api.protocol.common import OmitNone, RequestModel, ResponseModel
 from appliance.engine.types import Error, Event, Finish, GenerateRequest, Message, SamplingParams, Token, Usage
 
 MAX_STOP = 4  # OpenAI's own bound on stop sequences
@@ -183,15 +183,7 @@ class ChatCompletion(ResponseModel):
     usage: UsageOut
 
 
-class _OmitNone(ResponseModel):
-    """Serialized without its unset (None) fields: a delta carries only what changed."""
-
-    @model_serializer(mode="wrap")
-    def _drop_none(self, handler: Any) -> dict[str, Any]:
-        return {k: v for k, v in handler(self).items() if v is not None}
-
-
-class Delta(_OmitNone):
+class Delta(OmitNone):
     role: Literal["assistant"] | None = None
     content: str | None = None
 
@@ -203,7 +195,7 @@ class ChunkChoice(ResponseModel):
     finish_reason: FinishReason | None = None
 
 
-class ChatCompletionChunk(_OmitNone):
+class ChatCompletionChunk(OmitNone):
     """A `text/event-stream` event of a streamed chat completion (`usage` only on the last, when asked)."""
 
     id: str
@@ -221,7 +213,7 @@ class CompletionChoice(ResponseModel):
     finish_reason: FinishReason | None
 
 
-class Completion(_OmitNone):
+class Completion(OmitNone):
     """A text completion, and each event of a streamed one (`usage` on the whole one, or last, when asked)."""
 
     id: str

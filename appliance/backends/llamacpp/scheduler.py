@@ -6,7 +6,8 @@ holds, so a request that continues a conversation reuses the longest cached pref
 builds one `llama_batch` holding one token for each decoding sequence (in sequence-id order) plus a
 chunk of a newcomer's prompt, runs one `llama_decode`, and samples each sequence with its own
 sampler chain.
-This module runs inside the worker process; it knows nothing about pipes or HTTP.
+This module runs inside the worker process; it knows nothing about pipes or HTTP. It produces the
+typed events of `protocol.py` (Started, FirstToken, Text, Finished, Failed), keyed by `Job.req_id`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from typing import Any
 
 import llama_cpp
 
-# An event leaving the scheduler: (request id, kind, payload).
-Out = tuple[str, str, Any]
+from appliance.backends.llamacpp.protocol import Failed, Finished, FirstToken, Started, Text, WorkerEvent
+from appliance.engine.types import Error, SamplingParams, Usage
+
+Out = WorkerEvent
 
 
 @dataclass
@@ -35,47 +38,40 @@ class SlotConfig:
 
 @dataclass
 class Job:
-    """One generation request as the worker receives it."""
+    """One generation as the scheduler runs it: the tokenized prompt, the resolved token cap, and the
+    request's sampling parameters (`params.stop` includes the chat template's own stop strings)."""
 
-    req_id: str
+    req_id: str  # the internal generation id (never the client's X-Request-Id)
     tokens: list[int]
     max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 40
-    min_p: float = 0.05
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repeat_penalty: float = 1.0
+    params: SamplingParams = field(default_factory=SamplingParams)
 
 
 class _Sampler:
     """A llama.cpp sampler chain for one sequence (freed with the sequence)."""
 
-    def __init__(self, job: Job, n_vocab: int):
+    def __init__(self, p: SamplingParams, n_vocab: int):
         params = llama_cpp.llama_sampler_chain_default_params()
         self.ptr = llama_cpp.llama_sampler_chain_init(params)
         add = llama_cpp.llama_sampler_chain_add
-        if job.presence_penalty or job.frequency_penalty or job.repeat_penalty != 1.0:
+        if p.presence_penalty or p.frequency_penalty or p.repeat_penalty != 1.0:
             add(
                 self.ptr,
                 llama_cpp.llama_sampler_init_penalties(
-                    n_vocab, 64, job.repeat_penalty, job.frequency_penalty, job.presence_penalty
+                    n_vocab, 64, p.repeat_penalty, p.frequency_penalty, p.presence_penalty
                 ),
             )
-        if job.temperature <= 0:
+        if p.temperature <= 0:
             add(self.ptr, llama_cpp.llama_sampler_init_greedy())
         else:
-            if job.top_k > 0:
-                add(self.ptr, llama_cpp.llama_sampler_init_top_k(job.top_k))
-            if job.top_p < 1.0:
-                add(self.ptr, llama_cpp.llama_sampler_init_top_p(job.top_p, 1))
-            if job.min_p > 0:
-                add(self.ptr, llama_cpp.llama_sampler_init_min_p(job.min_p, 1))
-            add(self.ptr, llama_cpp.llama_sampler_init_temp(job.temperature))
-            seed = job.seed if job.seed is not None else random.getrandbits(32)
+            if p.top_k > 0:
+                add(self.ptr, llama_cpp.llama_sampler_init_top_k(p.top_k))
+            if p.top_p < 1.0:
+                add(self.ptr, llama_cpp.llama_sampler_init_top_p(p.top_p, 1))
+            if p.min_p > 0:
+                add(self.ptr, llama_cpp.llama_sampler_init_min_p(p.min_p, 1))
+            add(self.ptr, llama_cpp.llama_sampler_init_temp(p.temperature))
+            seed = p.seed if p.seed is not None else random.getrandbits(32)
             add(self.ptr, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
 
     def sample(self, ctx: Any, idx: int) -> int:
@@ -274,7 +270,7 @@ class Scheduler:
             slot.last_used = now
             token = seq.sampler.sample(self.ctx, idx)
             if seq.generated == 0:
-                out.append((seq.job.req_id, "first", {"ttft": now - seq.started}))
+                out.append(FirstToken(seq.job.req_id, now - seq.started))
             self._on_token(slot, token, out)
         return out
 
@@ -293,13 +289,13 @@ class Scheduler:
             del slot.tokens[keep:]
             slot.seq = _Seq(
                 job=job,
-                sampler=_Sampler(job, self.n_vocab),
+                sampler=_Sampler(job.params, self.n_vocab),
                 pending=job.tokens[keep:],
                 cached=keep,
-                stops=_StopFilter(job.stop),
+                stops=_StopFilter(job.params.stop),
             )
             self.waiting.popleft()
-            out.append((job.req_id, "start", {"prompt_tokens": len(job.tokens), "cached_tokens": keep}))
+            out.append(Started(job.req_id, len(job.tokens), keep))
 
     def _pick_slot(self, free: list[_Slot], tokens: list[int]) -> _Slot:
         busy = [s.seq_id for s in self.slots if s.seq is not None]
@@ -317,7 +313,7 @@ class Scheduler:
         text = seq.decoder.decode(self._piece.raw[: max(n, 0)])
         emit, hit = seq.stops.feed(text)
         if emit:
-            out.append((job.req_id, "token", emit))
+            out.append(Text(job.req_id, emit))
         if hit:
             self._finish(slot, "stop", out, flush=False)
         elif seq.generated >= job.max_tokens or len(slot.tokens) >= self.cfg.n_ctx_slot:
@@ -331,13 +327,9 @@ class Scheduler:
         if flush:
             tail = seq.stops.feed(seq.decoder.decode(b"", final=True))[0] + seq.stops.flush()
             if tail:
-                out.append((seq.job.req_id, "token", tail))
-        usage = {
-            "prompt_tokens": len(seq.job.tokens),
-            "completion_tokens": seq.generated,
-            "cached_tokens": seq.cached,
-        }
-        out.append((seq.job.req_id, "finish", {"reason": reason, "usage": usage}))
+                out.append(Text(seq.job.req_id, tail))
+        usage = Usage(prompt_tokens=len(seq.job.tokens), completion_tokens=seq.generated, cached_tokens=seq.cached)
+        out.append(Finished(seq.job.req_id, reason, usage))  # type: ignore[arg-type]
         self._release(slot)
 
     def fail_all(self, message: str) -> list[Out]:
@@ -347,13 +339,13 @@ class Scheduler:
             if slot.seq is not None:
                 self._fail(slot, out, message)
         while self.waiting:
-            out.append((self.waiting.popleft().req_id, "error", {"status": 500, "message": message}))
+            out.append(Failed(self.waiting.popleft().req_id, Error(500, message)))
         return out
 
     def _fail(self, slot: _Slot, out: list[Out], message: str) -> None:
         seq = slot.seq
         assert seq is not None
-        out.append((seq.job.req_id, "error", {"status": 500, "message": message}))
+        out.append(Failed(seq.job.req_id, Error(500, message)))
         llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, 0, -1)
         slot.tokens.clear()
         self._release(slot)

@@ -1,20 +1,12 @@
 """The model worker process: owns one GGUF model and its llama.cpp context.
 
-Started with the `spawn` context by `client.WorkerProcess`. Protocol over a `multiprocessing` pipe:
-
-  in:  ("gen", req_id, payload) | ("cancel", req_id) | ("stats",) | ("stop",)
-  out: ("ready", info) | ("fatal", message) | ("ev", [(req_id, kind, data), ...]) | ("stats", dict)
-
-Event kinds: "start" {prompt_tokens, cached_tokens}, "first" {ttft}, "token" text,
-"finish" {reason, usage}, "error" {status, message, type?, code?, param?}.
-
-Streamed text is gathered for up to `stream_interval` seconds and sent as one "token" event per
-request (`Outbox`): on 2 cores, waking the API process and the client for every token took CPU from
-llama.cpp's threads. Every other event leaves at once, so the first token is never delayed.
+Started with the `spawn` context by `supervisor.WorkerProcess`; speaks the typed messages of `protocol.py`
+over a `multiprocessing` pipe (where the protocol, and why text is gathered in an `Outbox`, is described).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import struct
@@ -22,6 +14,22 @@ import time
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any
+
+from appliance.backends.llamacpp.protocol import (
+    Cancel,
+    Events,
+    Failed,
+    Fatal,
+    GenRequest,
+    Ready,
+    Stats,
+    StatsRequest,
+    Stop,
+    Text,
+    ToWorker,
+    WorkerEvent,
+)
+from appliance.engine.types import Error
 
 GGUF_MAGIC = b"GGUF"
 
@@ -46,10 +54,10 @@ def main(conn: Connection, spec: dict[str, Any]) -> None:
     try:
         worker = _Worker(spec)
     except Exception as e:
-        conn.send(("fatal", str(e) or type(e).__name__))
+        conn.send(Fatal(str(e) or type(e).__name__))
         conn.close()
         return
-    conn.send(("ready", worker.info))
+    conn.send(Ready(worker.info))
     worker.serve(conn)
 
 
@@ -122,7 +130,7 @@ class _Worker:
             try:
                 while conn.poll(timeout):
                     msg = conn.recv()
-                    if msg[0] == "stop":
+                    if isinstance(msg, Stop):
                         return
                     self._handle(conn, msg)
                     timeout = 0
@@ -138,42 +146,39 @@ class _Worker:
             except (EOFError, BrokenPipeError, ConnectionResetError):
                 return  # the API process is gone
 
-    def _handle(self, conn: Connection, msg: tuple) -> None:
-        kind = msg[0]
-        if kind == "gen":
-            _, req_id, payload = msg
+    def _handle(self, conn: Connection, msg: ToWorker) -> None:
+        if isinstance(msg, GenRequest):
             try:
-                job = self._job(req_id, payload)
+                job = self._job(msg)
             except _Reject as r:
-                conn.send(("ev", [(req_id, "error", r.error)]))
+                conn.send(Events([Failed(msg.id, r.error)]))
                 return
             self.sched.submit(job)
-        elif kind == "cancel":
-            self.sched.cancel(msg[1])
-        elif kind == "stats":
-            conn.send(("stats", self.sched.stats()))
+        elif isinstance(msg, Cancel):
+            self.sched.cancel(msg.id)
+        elif isinstance(msg, StatsRequest):
+            conn.send(Stats(self.sched.stats()))
 
-    def _job(self, req_id: str, payload: dict[str, Any]) -> Any:
+    def _job(self, req: GenRequest) -> Any:
         from appliance.backends.llamacpp.scheduler import Job
 
-        params = dict(payload["params"])
-        stops = list(params.pop("stop", None) or [])
-        if payload.get("messages") is not None:
-            if not self.formatter.has_template and payload.get("require_template"):
+        stops = list(req.params.stop)
+        if req.messages is not None:
+            if not self.formatter.has_template and req.require_template:
                 raise _Reject(400, "this model has no chat template; use /v1/completions", param="model")
-            fmt = self.formatter(payload["messages"])
+            fmt = self.formatter([{"role": m.role, "content": m.content} for m in req.messages])
             text, stops = fmt.prompt, stops + [s for s in fmt.stops if s not in stops]
             param = "messages"
         else:
-            text, param = payload["prompt"], "prompt"
+            text, param = req.prompt or "", "prompt"
         add_bos = self.add_bos and not (self.bos_text and text.startswith(self.bos_text))
         tokens = self.model.tokenize(text.encode("utf-8"), add_bos, True)
         if not tokens:
             raise _Reject(400, f"'{param}' is empty after tokenization", param=param)
         n_prompt, n_ctx = len(tokens), self.n_ctx_slot
-        requested = params.pop("max_tokens", None)
+        requested = req.params.max_tokens
         if requested is None:
-            max_tokens = min(payload["default_max_tokens"], n_ctx - n_prompt)
+            max_tokens = min(req.default_max_tokens, n_ctx - n_prompt)
             if max_tokens < 1:
                 raise _Reject(
                     400,
@@ -193,7 +198,7 @@ class _Worker:
                     param=param,
                 )
             max_tokens = requested
-        return Job(req_id=req_id, tokens=tokens, max_tokens=max_tokens, stop=stops, **params)
+        return Job(req.id, tokens, max_tokens, dataclasses.replace(req.params, stop=stops))
 
 
 class Outbox:
@@ -202,43 +207,38 @@ class Outbox:
     def __init__(self, conn: Connection, interval: float):
         self.conn = conn
         self.interval = interval
-        self.held: list[tuple[str, str, Any]] = []
+        self.held: list[WorkerEvent] = []
         self.since = 0.0  # when the oldest held event was produced
 
-    def add(self, events: list[tuple[str, str, Any]], final: bool = False) -> None:
+    def add(self, events: list[WorkerEvent], final: bool = False) -> None:
         if not events and not self.held:
             return
         now = time.monotonic()
         if not self.held:
             self.since = now
         self.held.extend(events)
-        urgent = final or any(kind != "token" for _, kind, _ in events)
+        urgent = final or any(not isinstance(ev, Text) for ev in events)
         if urgent or now - self.since >= self.interval:
-            self.conn.send(("ev", merge_text(self.held)))
+            self.conn.send(Events(merge_text(self.held)))
             self.held = []
 
 
-def merge_text(events: list[tuple[str, str, Any]]) -> list[tuple[str, str, Any]]:
-    """Join each request's consecutive "token" events into one (order per request is kept)."""
-    out: list[tuple[str, str, Any]] = []
-    last: dict[str, int] = {}  # request id -> index of its latest event in `out`
-    for req_id, kind, data in events:
-        i = last.get(req_id)
-        if kind == "token" and i is not None and out[i][1] == "token":
-            out[i] = (req_id, "token", out[i][2] + data)
+def merge_text(events: list[WorkerEvent]) -> list[WorkerEvent]:
+    """Join each generation's consecutive `Text` events into one (order per generation is kept)."""
+    out: list[WorkerEvent] = []
+    last: dict[str, int] = {}  # generation id -> index of its latest event in `out`
+    for ev in events:
+        i = last.get(ev.id)
+        prev = out[i] if i is not None else None
+        if isinstance(ev, Text) and isinstance(prev, Text):
+            out[i] = Text(ev.id, prev.text + ev.text)  # type: ignore[index]
         else:
-            last[req_id] = len(out)
-            out.append((req_id, kind, data))
+            last[ev.id] = len(out)
+            out.append(ev)
     return out
 
 
 class _Reject(Exception):
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
         super().__init__(message)
-        self.error = {
-            "status": status,
-            "message": message,
-            "type": "invalid_request_error",
-            "code": code,
-            "param": param,
-        }
+        self.error = Error(status, message, "invalid_request_error", code, param)
