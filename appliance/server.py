@@ -1,4 +1,4 @@
-"""Run the app under Hypercorn: signals, graceful drain, systemd readiness."""
+"""Run the app under Hypercorn: signals, graceful drain, systemd readiness and watchdog."""
 
 from __future__ import annotations
 
@@ -26,10 +26,27 @@ def sd_notify(message: str) -> bool:
     if addr.startswith("@"):
         addr = "\0" + addr[1:]
     with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.setblocking(False)  # called on the event loop: a full queue drops the message rather than block
         s.connect(addr)
         s.sendall(message.encode())
         return True
     return False
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between WATCHDOG=1 pings when systemd asked for them (WatchdogSec=), else None."""
+    usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
+    if not usec or not usec.isdigit() or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 1e6 / 2  # twice per period, as sd_watchdog_enabled(3) advises
+
+
+async def feed_watchdog(interval: float, notify=sd_notify) -> None:
+    """Ping systemd from the event loop itself: a loop blocked for a whole WatchdogSec gets the service
+    restarted, which a thread pinging on its own would hide."""
+    while True:
+        notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
 
 
 async def _notify_when_ready(app, host: str, port: int) -> None:
@@ -62,8 +79,11 @@ async def serve(settings: Settings) -> None:
         log.info("stopping: draining in-flight requests (up to %gs)", settings.drain_timeout)
         sd_notify("STOPPING=1")
 
-    ready = asyncio.create_task(_notify_when_ready(app, settings.host, settings.port))
+    tasks = [asyncio.create_task(_notify_when_ready(app, settings.host, settings.port))]
+    if (interval := watchdog_interval()) is not None:
+        tasks.append(asyncio.create_task(feed_watchdog(interval)))
     try:
         await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
     finally:
-        ready.cancel()
+        for t in tasks:
+            t.cancel()
