@@ -1,5 +1,5 @@
 """The agent's logic with a scripted chat model and bag-of-words embeddings (no model, no torch):
-tool call → tool → answer, memory injection, per-user isolation, threads, 409/400/403, loop and time limits,
+tool call → tool → answer, memory injection, per-user isolation, threads (ids per owner), 409/400, loop and time limits,
 and the /v1/threads and /v1/memories endpoints (with and without an API-key principal)."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pydantic import Field
 from starlette.applications import Starlette
 
 from appliance.agent.service import AgentService
+from appliance.agent.threads import stored_id
 from appliance.api import threads as threads_api
 from appliance.api.errors import engine_error_handler
 from appliance.api.protocol.threads import message_of
@@ -121,8 +122,9 @@ def answer_of(events: list) -> str:
     return "".join(e.text for e in events if isinstance(e, Token))
 
 
-async def thread_messages(agent: AgentService, tid: str) -> list[Any]:
-    state = await agent.graph.aget_state({"configurable": {"thread_id": tid}})
+async def thread_messages(agent: AgentService, tid: str, scope: str = "default") -> list[Any]:
+    """A thread's history, read as the API does: by its stored id (the owner's scope and the client's id)."""
+    state = await agent.graph.aget_state({"configurable": {"thread_id": stored_id(scope, tid)}})
     return [message_of(m).model_dump() for m in state.values["messages"]]
 
 
@@ -149,7 +151,7 @@ async def test_thread_continues_with_history(agent: AgentService, model: Scripte
     prompt = model.prompt_text()
     assert "purple kite" in prompt and "Nice to meet you." in prompt
     assert events[-1].usage.prompt_tokens > first
-    msgs = await thread_messages(agent, "kites")
+    msgs = await thread_messages(agent, "kites", "kiter")
     assert [m["content"] for m in msgs if m["role"] == "user"] == ["I flew a purple kite today.", "What did I fly?"]
 
 
@@ -165,7 +167,7 @@ async def test_memory_is_saved_recalled_in_new_threads_and_isolated(agent: Agent
     prompt = model.prompt_text()
     assert "The user's name is Alice." in prompt
     assert "Bob" not in prompt
-    msgs = await thread_messages(agent, req.thread_id)
+    msgs = await thread_messages(agent, req.thread_id, "alice")
     assert msgs[1]["tool_calls"][0]["function"]["name"] == "search_memory"
     assert "Alice" in msgs[2]["content"] and "Bob" not in msgs[2]["content"]
 
@@ -200,14 +202,14 @@ async def test_slow_run_times_out(agent: AgentService, model: ScriptedModel) -> 
         agent.settings.agent_timeout = 5
     err = events[-1]
     assert isinstance(err, Error) and err.code == "agent_timeout" and err.status == 504
-    assert "slow" not in agent.busy  # the thread is free again
+    assert stored_id("default", "slow") not in agent.busy  # the thread is free again
 
 
 async def test_concurrent_requests_on_one_thread_get_409(agent: AgentService, model: ScriptedModel) -> None:
     model.delay = 0.05
     model.script = ["a b c d e f g h"]
     first = asyncio.create_task(run(agent, "first", thread="busy-1"))
-    while "busy-1" not in agent.busy:
+    while stored_id("default", "busy-1") not in agent.busy:
         await asyncio.sleep(0.01)
     with pytest.raises(EngineError) as e:
         await run(agent, "second", thread="busy-1")
@@ -225,11 +227,20 @@ async def test_bad_thread_ids_are_400(agent: AgentService, bad: str) -> None:
     assert e.value.error.status == 400 and e.value.error.param == "X-Thread-Id"
 
 
-async def test_another_users_thread_is_403(agent: AgentService, model: ScriptedModel) -> None:
-    await run(agent, "hello", thread="alices-thread", user="alice")
-    with pytest.raises(EngineError) as e:
-        await run(agent, "let me read that", thread="alices-thread", user="mallory")
-    assert e.value.error.status == 403
+async def test_another_users_thread_id_is_a_fresh_thread(agent: AgentService, model: ScriptedModel) -> None:
+    """No existence oracle: another user's thread id is simply a new thread of one's own."""
+    model.script = ["Hi Alice.", "Hi Mallory.", "Hi again."]
+    await run(agent, "hello, my secret is 1234", thread="alices-thread", user="alice")
+    _, events = await run(agent, "let me read that", thread="alices-thread", user="mallory")
+    assert answer_of(events) == "Hi Mallory."
+    assert "1234" not in model.prompt_text()  # nothing of alice's thread reached mallory's prompt
+    mine = await thread_messages(agent, "alices-thread", "mallory")
+    assert [m["content"] for m in mine if m["role"] == "user"] == ["let me read that"]
+    theirs = await thread_messages(agent, "alices-thread", "alice")
+    assert [m["content"] for m in theirs if m["role"] == "user"] == ["hello, my secret is 1234"]
+    # both may use it at once: they are two threads
+    assert (await agent.threads.get(stored_id("alice", "alices-thread"))).scope == "alice"
+    assert (await agent.threads.get(stored_id("mallory", "alices-thread"))).scope == "mallory"
 
 
 async def test_embeddings_loading_is_503_and_leaves_no_half_turn(agent: AgentService, model: ScriptedModel) -> None:
@@ -242,8 +253,8 @@ async def test_embeddings_loading_is_503_and_leaves_no_half_turn(agent: AgentSer
     finally:
         del agent.embeddings.wait_ready
     assert isinstance(events[-1], Error) and events[-1].code == "embeddings_loading" and events[-1].status == 503
-    assert await agent.threads.get("early") is None
-    assert (await agent.graph.aget_state({"configurable": {"thread_id": "early"}})).values == {}
+    assert await agent.threads.get(stored_id("default", "early")) is None
+    assert (await agent.graph.aget_state({"configurable": {"thread_id": stored_id("default", "early")}})).values == {}
 
 
 async def test_completions_on_the_agent_are_400(agent: AgentService) -> None:
@@ -300,7 +311,7 @@ async def test_threads_endpoints(agent: AgentService, model: ScriptedModel, http
     assert (await http.delete("/v1/threads/page-0")).json()["deleted"] is True
     r = await http.get("/v1/threads/page-0")
     assert r.status_code == 404 and r.json()["error"]["code"] == "thread_not_found"
-    assert (await agent.threads.saver.aget_tuple({"configurable": {"thread_id": "page-0"}})) is None
+    assert (await agent.threads.saver.aget_tuple({"configurable": {"thread_id": stored_id("pager", "page-0")}})) is None
     assert (await http.delete("/v1/threads/page-0")).status_code == 404
     assert (await http.get("/v1/threads/bad%20id")).status_code == 400
     assert (await http.get("/v1/threads", params={"limit": 0})).status_code == 400
@@ -313,6 +324,8 @@ async def test_threads_are_private_to_a_key(agent: AgentService, http: httpx.Asy
     assert (await http.delete("/v1/threads/keyed", headers={"X-Test-Principal": "key-b"})).status_code == 404
     listed = (await http.get("/v1/threads", headers={"X-Test-Principal": "key-b"})).json()["data"]
     assert "keyed" not in [t["id"] for t in listed]
+    listed = (await http.get("/v1/threads", headers={"X-Test-Principal": "key-a"})).json()["data"]
+    assert [t["id"] for t in listed] == ["keyed"]  # the client's id, not the stored one
 
 
 async def test_memories_endpoints_and_key_scoping(agent: AgentService, http: httpx.AsyncClient) -> None:

@@ -365,7 +365,7 @@ def test_model_and_user_text_cannot_inject_html(page: Page, server: Server) -> N
 def test_api_key_prompt_and_session_storage(browser, tmp_path: Path) -> None:
     key = new_key()
     keys = tmp_path / "keys.toml"
-    write_keys_file(keys, KeysFile(keys={"console": KeyEntry(sha256=hash_key(key))}))
+    write_keys_file(keys, KeysFile(keys={"console": KeyEntry(sha256=hash_key(key), role="admin")}))
     server = start_server(tmp_path, "--context-size", "512", env={"APPLIANCE_KEYS_FILE": str(keys)})
     p = Page(browser, server.base_url)
     try:

@@ -121,7 +121,8 @@ def test_window_and_limiter() -> None:
         w.add(float(t), 10)
     assert w.wait_until_below(10.0, 30) == pytest.approx(52.0)  # after t=2's event leaves: 20 < 30
     assert is_generation("POST", "/v1/chat/completions") and is_generation("POST", "/api/chat")
-    assert not is_generation("GET", "/v1/models") and not is_generation("POST", "/v1/embeddings")
+    assert is_generation("POST", "/v1/embeddings") and is_generation("POST", "/api/embed")  # they spend tokens too
+    assert not is_generation("GET", "/v1/models") and not is_generation("GET", "/v1/usage")
 
 
 def test_keys_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -139,6 +140,7 @@ def test_keys_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["keys", "list", "--json", *kf]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["name"] == "alice" and row["requests_per_minute"] == 10 and row["max_concurrent_streams"] == 2
+    assert row["role"] == "admin" and row["id"].startswith("key_")  # the first key of an empty file
     assert KeyStore(tmp_path / "k.toml").verify(key).name == "alice"
     assert main(["keys", "revoke", "alice", *kf]) == 0
     assert main(["keys", "revoke", "alice", *kf]) == 1
@@ -239,7 +241,8 @@ def test_missing_and_wrong_keys_get_401(secured: tuple[Server, Keys]) -> None:
     err = _error(httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {wrong}"}), 401, "invalid_api_key")
     assert wrong not in err["message"]
     _error(httpx.get(f"{url}/v1/models", headers={"Authorization": keys.values["admin"]}), 401, "invalid_api_key")
-    _error(httpx.get(f"{url}/api/tags"), 401, "invalid_api_key")  # Ollama routes too (when present)
+    r = httpx.get(f"{url}/api/tags")  # Ollama routes too, in Ollama's error shape
+    assert r.status_code == 401 and set(r.json()) == {"error"} and "API key" in r.json()["error"]
     _error(httpx.get(f"{url}/no/such/route"), 401, "invalid_api_key")
     _error(httpx.get(f"{url}/metrics"), 401, "invalid_api_key")
     assert httpx.get(f"{url}/metrics", headers=keys.headers("admin")).status_code == 200

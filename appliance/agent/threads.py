@@ -1,6 +1,12 @@
 """Conversation threads in SQLite: LangGraph's AsyncSqliteSaver (checkpoints) plus a small `threads`
 metadata table (owner, model, title, times), in one file: `<data_dir>/agent/threads.sqlite`.
 
+Thread ids are namespaced by owner: the client's id `t1` of the key (scope) `key_ab12` is stored as
+`key_ab12:t1` (client ids cannot hold a colon, so the split is unambiguous), in the metadata and in the
+checkpoints alike. Two keys can each have a thread `t1`, and asking for another key's thread is asking
+for one's own (new or missing) thread: there is nothing to tell whether the other exists. Responses
+show the client's id (`ThreadMeta.thread_id`). Rows stored before namespacing are renamed at open.
+
 One connection and one saver per process, opened in the app's lifespan. WAL journal, `synchronous=FULL`
 (a finished turn survives a crash or power loss) and a busy timeout. The metadata statements take the
 saver's lock, so they never interleave with a checkpoint transaction on the shared connection.
@@ -8,6 +14,7 @@ saver's lock, so they never interleave with a checkpoint transaction on the shar
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -16,6 +23,18 @@ from typing import Any
 
 THREAD_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 BUSY_TIMEOUT_MS = 5000
+CHECKPOINT_TABLES = ("checkpoints", "writes")  # AsyncSqliteSaver's tables, keyed by thread_id
+
+
+def stored_id(scope: str, thread_id: str) -> str:
+    """The id a client's thread is stored under: its owner's scope, a colon, the client's id."""
+    return f"{scope}:{thread_id}"
+
+
+def client_id(stored: str) -> str:
+    """The client's id of a stored thread id (ids stored before namespacing are their own)."""
+    return stored.rpartition(":")[2]
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS threads (
@@ -40,9 +59,14 @@ class ThreadMeta:
     created_at: float
     updated_at: float
 
+    @property
+    def thread_id(self) -> str:
+        """The id the client knows (`id` is the stored, namespaced one)."""
+        return client_id(self.id)
+
     def to_dict(self) -> dict[str, Any]:
         return {
-            "id": self.id,
+            "id": self.thread_id,
             "object": "thread",
             "created_at": int(self.created_at),
             "updated_at": int(self.updated_at),
@@ -77,10 +101,26 @@ class ThreadStore:
             await conn.commit()
             saver = AsyncSqliteSaver(conn)
             await saver.setup()
+            await self._namespace_old_rows(conn)
         except BaseException:
             await conn.close()
             raise
         self.conn, self.saver = conn, saver
+
+    @staticmethod
+    async def _namespace_old_rows(conn: Any) -> None:
+        """Threads stored before ids were namespaced (`t1`) become `<scope>:t1`, checkpoints included."""
+        async with conn.execute("SELECT id, scope FROM threads WHERE instr(id, ':') = 0") as cur:
+            rows = await cur.fetchall()
+        if not rows:
+            return
+        for old, scope in rows:
+            new = stored_id(scope, old)
+            await conn.execute("UPDATE threads SET id = ? WHERE id = ?", (new, old))
+            for table in CHECKPOINT_TABLES:
+                await conn.execute(f"UPDATE {table} SET thread_id = ? WHERE thread_id = ?", (new, old))
+        await conn.commit()
+        logging.getLogger("appliance.agent").info("threads: %d thread ids namespaced by owner", len(rows))
 
     async def close(self) -> None:
         if self.conn is not None:
@@ -97,6 +137,20 @@ class ThreadStore:
     async def get(self, thread_id: str) -> ThreadMeta | None:
         async with self.conn.execute(
             "SELECT id, scope, model, title, created_at, updated_at FROM threads WHERE id = ?", (thread_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        return ThreadMeta(*row) if row else None
+
+    async def find(self, thread_id: str, scope: str | None) -> ThreadMeta | None:
+        """A client's thread: the one of `scope`, or (scope None: no keys, no user given) the most recently
+        active one of any owner with that client id."""
+        if scope is not None:
+            return await self.get(stored_id(scope, thread_id))
+        suffix = ":" + thread_id
+        async with self.conn.execute(
+            "SELECT id, scope, model, title, created_at, updated_at FROM threads"
+            " WHERE id = ? OR substr(id, -?) = ? ORDER BY updated_at DESC LIMIT 1",
+            (thread_id, len(suffix), suffix),
         ) as cur:
             row = await cur.fetchone()
         return ThreadMeta(*row) if row else None
@@ -120,14 +174,14 @@ class ThreadStore:
             await self.conn.commit()
 
     async def list(self, scope: str | None, limit: int, after: str | None = None) -> tuple[list[ThreadMeta], bool]:
-        """Most recently active first; `after` is the id of the last thread of the previous page.
+        """Most recently active first; `after` is the client's id of the last thread of the previous page.
         Raises KeyError for an unknown cursor."""
         where, args = [], []
         if scope is not None:
             where.append("scope = ?")
             args.append(scope)
         if after is not None:
-            cursor = await self.get(after)
+            cursor = await self.find(after, scope)
             if cursor is None or (scope is not None and cursor.scope != scope):
                 raise KeyError(after)
             where.append("(updated_at < ? OR (updated_at = ? AND id < ?))")

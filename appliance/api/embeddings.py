@@ -41,6 +41,7 @@ async def create_embeddings(request: Request) -> Response:
     texts = embedding_inputs(body.input)
     vectors, tokens = await service.embed_with_usage(texts)
     request.state.model, request.state.prompt_tokens = entry.id, tokens
+    request.state.embedding_inputs = len(texts)
     b64 = body.encoding_format == "base64"
     data = [wire.Embedding(index=i, embedding=encode_base64(v) if b64 else v) for i, v in enumerate(vectors)]
     usage = wire.EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)

@@ -200,6 +200,7 @@ async def embed(request: Request) -> Response:
     t0 = time.monotonic()
     vectors, tokens = await svc.embed_with_usage(texts)
     request.state.model, request.state.prompt_tokens = entry.id, tokens
+    request.state.embedding_inputs = len(texts)
     return json_response(
         wire.EmbedResponse(
             model=entry.id, embeddings=vectors, total_duration=wire.ns(time.monotonic() - t0), prompt_eval_count=tokens

@@ -18,7 +18,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from appliance.api.protocol import health, ollama, openai, threads
+from appliance.api.protocol import health, ollama, openai, threads, usage
 
 OPENAPI_VERSION = "3.1.0"
 _ERRORS = {
@@ -64,7 +64,16 @@ class Op:
 PATHS: dict[str, dict[str, Op]] = {
     "/health": {
         "get": Op(
-            "health", "Liveness and readiness", health.Health, query=health.HealthQuery, errors=(400,), public=True
+            "health", "Liveness and readiness", health.Health, query=health.HealthQuery, errors=(400, 403), public=True
+        )
+    },
+    "/v1/usage": {
+        "get": Op(
+            "getUsage",
+            "Tokens, requests and embedding inputs per key, model and UTC day",
+            usage.UsageList,
+            query=usage.UsageQuery,
+            errors=(400, 401, 403),
         )
     },
     "/metrics": {"get": Op("metrics", "Prometheus metrics", errors=(401, 403), media="text/plain")},

@@ -1,19 +1,23 @@
 """The agent's native endpoints: threads (/v1/threads) and long-term memory (/v1/memories).
 
-Ownership: with API keys on, a key sees only its own threads and memories (its identity is the scope; a
+Ownership: with API keys on, a key sees only its own threads and memories (its stable id is the scope; a
 `user` parameter naming someone else is refused). Without keys, `?user=` selects whose memories to
 read (default "default") and filters the thread list.
+
+Thread ids are per owner (agent/threads.py): `/v1/threads/t1` is the caller's own `t1`, so another key's
+thread answers exactly like one that does not exist.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from appliance.agent.threads import THREAD_ID
+from appliance.agent.threads import THREAD_ID, client_id
 from appliance.api.protocol import threads as wire
 from appliance.api.protocol.common import client_error, parse
 from appliance.api.sse import json_response
@@ -27,10 +31,18 @@ def _scope(request: Request, user: str | None) -> str:
     """Whose data a request may touch: the key with auth on, else `user`, else "default"."""
     principal = _principal(request)
     if principal is not None:
-        if user and user != principal:
-            raise client_error(403, f"This API key may only use its own memories ('{principal}').", "forbidden", "user")
+        name = getattr(request.state, "key_name", None)
+        if user and user not in (principal, name):
+            raise client_error(403, f"This API key may only use its own data ('{name}').", "forbidden", "user")
         return principal
     return user or "default"
+
+
+def _memory(mem: Any) -> wire.Memory:
+    """A memory as the client sees it: its thread by the client's thread id."""
+    if mem.thread_id:
+        mem = dataclasses.replace(mem, thread_id=client_id(mem.thread_id))
+    return wire.memory_of(mem)
 
 
 async def _agent(request: Request) -> Any:
@@ -45,9 +57,10 @@ async def _owned_thread(request: Request, agent: Any) -> Any:
         raise client_error(
             400, "Invalid thread id: use 1 to 128 characters from A-Z a-z 0-9 . _ -", "invalid_thread_id", "thread_id"
         )
-    meta = await agent.threads.get(tid)
-    principal = _principal(request)
-    if meta is None or (principal is not None and meta.scope != principal):
+    user = wire.UserQuery.of(request.query_params).user
+    scope = _scope(request, user) if (_principal(request) is not None or user) else None
+    meta = await agent.threads.find(tid, scope)
+    if meta is None:
         raise client_error(404, f"No thread '{tid}'.", "thread_not_found", "thread_id")
     return meta
 
@@ -81,9 +94,9 @@ async def delete_thread(request: Request) -> Response:
     agent = await _agent(request)
     meta = await _owned_thread(request, agent)
     if meta.id in agent.busy:
-        raise client_error(409, f"Thread '{meta.id}' is busy with a request.", "thread_busy", "thread_id")
+        raise client_error(409, f"Thread '{meta.thread_id}' is busy with a request.", "thread_busy", "thread_id")
     await agent.threads.delete(meta.id)
-    return json_response(wire.Deleted(id=meta.id, object="thread.deleted", deleted=True))
+    return json_response(wire.Deleted(id=meta.thread_id, object="thread.deleted", deleted=True))
 
 
 # -- memories --------------------------------------------------------------------------------------
@@ -93,7 +106,7 @@ async def list_memories(request: Request) -> Response:
     q = wire.MemoryListQuery.of(request.query_params)
     scope = _scope(request, q.user)
     mems, more = await request.app.state.agent.memory.list(scope, q.limit, q.offset)
-    return json_response(wire.MemoryList(user=scope, data=[wire.memory_of(m) for m in mems], has_more=more))
+    return json_response(wire.MemoryList(user=scope, data=[_memory(m) for m in mems], has_more=more))
 
 
 async def search_memories(request: Request) -> Response:
@@ -102,7 +115,7 @@ async def search_memories(request: Request) -> Response:
         raise client_error(400, "Missing required parameter: 'q'.", param="q")
     scope = _scope(request, q.user)
     mems = await request.app.state.agent.memory.search(scope, q.q, k=q.limit)
-    return json_response(wire.MemoryList(user=scope, data=[wire.memory_of(m) for m in mems]))
+    return json_response(wire.MemoryList(user=scope, data=[_memory(m) for m in mems]))
 
 
 async def create_memory(request: Request) -> Response:
@@ -110,7 +123,7 @@ async def create_memory(request: Request) -> Response:
     if not body.text.strip():
         raise client_error(400, "Missing required parameter: 'text'.", param="text")
     mem = await request.app.state.agent.memory.add(_scope(request, body.user), body.text, kind="fact")
-    return json_response(wire.memory_of(mem), status=201)
+    return json_response(_memory(mem), status=201)
 
 
 async def delete_memory(request: Request) -> Response:

@@ -1,4 +1,5 @@
-"""API keys (keys.py, keys_cli.py), bearer authentication (auth.py) and per-key limits (limits.py).
+"""API keys and their roles (keys.py, keys_cli.py, roles.py), bearer authentication (auth.py), per-key
+limits (limits.py) and usage accounting (usage.py).
 
-The middleware stack that uses them is assembled in appliance/observability/setup.py.
+The middleware that uses them is assembled by the composition root, appliance/app.py.
 """

@@ -4,6 +4,8 @@ The file (`APPLIANCE_KEYS_FILE`, default `<data_dir>/keys.toml`; a `.json` name 
 
     [keys.alice]
     sha256 = "<hex digest of the key>"
+    id = "key_3f9c0a…"               # stable random id: what threads, memories, limits and usage belong to
+    role = "user"                    # admin | user | metrics (absent: user, for files from before roles)
     prefix = "sk-app-AbCde"          # the key's first characters, to recognise it in `keys list`
     created = "2025-01-01T12:00:00Z"
     requests_per_minute = 60         # optional limits, absent = unlimited
@@ -12,6 +14,12 @@ The file (`APPLIANCE_KEYS_FILE`, default `<data_dir>/keys.toml`; a `.json` name 
 
 Keys are 256-bit random strings, so a plain sha256 is a safe hash for them (no password stretching
 needed); a presented key is hashed and compared with every stored hash in constant time.
+
+Roles: `admin` (model load/unload, `/health?verbose=1`, `/metrics`, everyone's usage), `user` (inference,
+its own threads, memories and usage), `metrics` (only `/metrics`, for Prometheus). A key's data belongs to
+its `id`, never to its reusable name: a name revoked and added again gets a new id and starts empty.
+Entries written before ids existed get one derived from their hash (stable across restarts), stored
+when the file is next written.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import tomllib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -42,17 +50,45 @@ log = logging.getLogger("appliance.security")
 KEY_PREFIX = "sk-app-"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
 MAX_KEY_CHARS = 256  # longer bearer tokens are rejected without hashing
+ID_PATTERN = r"^key_[0-9a-f]{8,64}$"
+
+Role = Literal["admin", "user", "metrics"]
+ROLES: tuple[Role, ...] = ("admin", "user", "metrics")
+LEGACY_ROLE: Role = "user"  # entries without a role (files from before roles)
+
+
+def new_key_id() -> str:
+    return "key_" + secrets.token_hex(12)
+
+
+def derived_key_id(sha256: str) -> str:
+    """The id of an entry stored before ids existed: a function of its hash, so stable across restarts."""
+    return "key_" + hashlib.sha256(f"appliance-key-id\0{sha256}".encode()).hexdigest()[:24]
 
 
 class KeyEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    id: str | None = Field(None, pattern=ID_PATTERN)
+    role: Role | None = None
     prefix: str = ""
     created: str = ""
     requests_per_minute: int | None = Field(None, ge=1)
     tokens_per_minute: int | None = Field(None, ge=1)
     max_concurrent_streams: int | None = Field(None, ge=1)
+
+    @property
+    def key_id(self) -> str:
+        return self.id or derived_key_id(self.sha256)
+
+    @property
+    def effective_role(self) -> Role:
+        return self.role or LEGACY_ROLE
+
+    def normalized(self) -> KeyEntry:
+        """With its id and role written out (what the file stores from its next write on)."""
+        return self.model_copy(update={"id": self.key_id, "role": self.effective_role})
 
     @property
     def limited(self) -> bool:
@@ -71,6 +107,14 @@ class KeysFile(BaseModel):
 class ApiKey:
     name: str
     entry: KeyEntry
+
+    @property
+    def id(self) -> str:
+        return self.entry.key_id
+
+    @property
+    def role(self) -> Role:
+        return self.entry.effective_role
 
 
 def new_key() -> str:
@@ -109,9 +153,12 @@ def read_keys_file(path: Path) -> KeysFile:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         raise ConfigError(f"APPLIANCE_KEYS_FILE {path}: {where}: {err['msg']}") from None
-    for name in doc.keys:
+    seen: dict[str, str] = {}
+    for name, entry in doc.keys.items():
         if not re.match(NAME_PATTERN, name):
             raise ConfigError(f"APPLIANCE_KEYS_FILE {path}: invalid key name {name!r}")
+        if (other := seen.setdefault(entry.key_id, name)) != name:
+            raise ConfigError(f"APPLIANCE_KEYS_FILE {path}: keys {other!r} and {name!r} have the same id")
     return doc
 
 
@@ -120,6 +167,7 @@ def _toml_value(v: Any) -> str:
 
 
 def dump_keys(doc: KeysFile, json_format: bool) -> str:
+    doc = KeysFile(keys={name: entry.normalized() for name, entry in doc.keys.items()})
     if json_format:
         return json.dumps(doc.model_dump(exclude_none=True), indent=2) + "\n"
     lines = [
@@ -170,8 +218,10 @@ class KeyStore:
     def __init__(self, path: Path):
         self.path = path
         self._keys: dict[str, KeyEntry] = {}
+        self._by_id: dict[str, str] = {}
         self._sig: tuple[int, int, int] | None = None
         self._was_enabled = False
+        self._legacy: set[str] = set()  # names of entries without a role, already reported
         self._lock = threading.Lock()
         self.reload(strict=True)
 
@@ -202,8 +252,19 @@ class KeyStore:
             return
         old = set(self._keys)
         self._keys, self._sig = dict(doc.keys), sig
+        self._by_id = {e.key_id: name for name, e in self._keys.items()}
         if self._keys:
             self._was_enabled = True
+        legacy = {name for name, e in self._keys.items() if e.role is None}
+        if legacy and legacy != self._legacy:
+            log.warning(
+                "keys file %s: %d keys have no role (%s) and are treated as 'user' keys; "
+                "make one an admin with `appliance keys role NAME admin`",
+                self.path,
+                len(legacy),
+                ", ".join(sorted(legacy)),
+            )
+        self._legacy = legacy
         if not strict and set(self._keys) != old:
             log.info(
                 "keys file reloaded: %d keys (added: %s; revoked: %s)",
@@ -233,6 +294,20 @@ class KeyStore:
     def get(self, name: str) -> KeyEntry | None:
         return self._keys.get(name)
 
+    def name_of(self, key_id: str) -> str | None:
+        """The name of the key with this id (None once it is revoked)."""
+        return self._by_id.get(key_id)
+
+    def role_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(ROLES, 0)
+        for e in self._keys.values():
+            counts[e.effective_role] += 1
+        return counts
+
+    def names(self) -> dict[str, str]:
+        """id → name of every key."""
+        return dict(self._by_id)
+
 
 # -- binding without keys ------------------------------------------------------------------------
 
@@ -261,10 +336,21 @@ def check_serve_security(settings: Settings) -> KeysFile:
 def describe_auth(settings: Settings, store: KeyStore) -> str:
     """The start-up log line saying whether and how requests are authenticated."""
     if store.enabled:
-        return f"auth: on, {len(store)} API keys from {store.path}"
+        roles = store.role_counts()
+        counted = ", ".join(f"{n} {r}" for r, n in roles.items() if n)
+        return f"auth: on, {len(store)} API keys ({counted or 'none left'}) from {store.path}"
     if is_loopback(settings.host):
         return (
             f"auth: off (no API keys in {store.path}); accepting a loopback bind only. "
             "Add a key with `appliance keys add NAME` to turn auth on"
         )
     return f"auth: OFF on non-loopback address {settings.host} (--allow-unauthenticated); anyone can use the API"
+
+
+def log_auth_mode(settings: Settings, store: KeyStore) -> None:
+    """Say at start-up how requests are authenticated (a warning when anyone on the network may call)."""
+    (log.info if store.enabled or is_loopback(settings.host) else log.warning)(describe_auth(settings, store))
+    if settings.cors_origins:
+        log.info("CORS: allowing origins %s", ", ".join(settings.cors_origins))
+    if settings.log_prompts:
+        log.warning("APPLIANCE_LOG_PROMPTS is on: prompts and completions are written to the log")

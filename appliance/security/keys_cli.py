@@ -1,4 +1,9 @@
-"""`appliance keys add|list|revoke`: manage the API keys file."""
+"""`appliance keys add|list|revoke|role`: manage the API keys file.
+
+`keys add NAME --role admin|user|metrics`: without --role the first key of an empty file is an admin (so
+a fresh install has someone who can manage models), later ones are users. Each key gets a new random id
+(its threads, memories and usage belong to the id), so a name revoked and added again starts empty.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,17 @@ import sys
 from pathlib import Path
 
 from appliance.config import ConfigError, load_settings
-from appliance.security.keys import NAME_PATTERN, KeyEntry, hash_key, new_key, now_iso, read_keys_file, write_keys_file
+from appliance.security.keys import (
+    NAME_PATTERN,
+    ROLES,
+    KeyEntry,
+    hash_key,
+    new_key,
+    new_key_id,
+    now_iso,
+    read_keys_file,
+    write_keys_file,
+)
 
 
 def _keys_path(args: argparse.Namespace) -> Path:
@@ -35,9 +50,16 @@ def cmd_keys_add(args: argparse.Namespace) -> int:
     if args.name in doc.keys:
         print(f"appliance: a key named {args.name!r} exists; revoke it first", file=sys.stderr)
         return 1
+    role = args.role or ("admin" if not doc.keys else "user")
     key = new_key()
+    taken = {e.key_id for e in doc.keys.values()}
+    key_id = new_key_id()
+    while key_id in taken:  # pragma: no cover (96 random bits)
+        key_id = new_key_id()
     doc.keys[args.name] = KeyEntry(
         sha256=hash_key(key),
+        id=key_id,
+        role=role,
         prefix=key[:12],
         created=now_iso(),
         requests_per_minute=args.rpm,
@@ -47,7 +69,8 @@ def cmd_keys_add(args: argparse.Namespace) -> int:
     write_keys_file(path, doc)
     print(key)
     print(
-        f"key {args.name!r} added to {path}. This is the only time the key is shown; store it safely.",
+        f"key {args.name!r} ({role}, id {key_id}) added to {path}. "
+        "This is the only time the key is shown; store it safely.",
         file=sys.stderr,
     )
     return 0
@@ -59,6 +82,8 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     rows = [
         {
             "name": name,
+            "id": e.key_id,
+            "role": e.effective_role,
             "prefix": e.prefix,
             "created": e.created,
             "requests_per_minute": e.requests_per_minute,
@@ -77,10 +102,12 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     def lim(v: int | None) -> str:
         return "-" if v is None else str(v)
 
-    table = [("NAME", "PREFIX", "CREATED", "RPM", "TPM", "STREAMS")]
+    table = [("NAME", "ROLE", "ID", "PREFIX", "CREATED", "RPM", "TPM", "STREAMS")]
     table += [
         (
             r["name"],
+            r["role"],
+            r["id"],
             f"{r['prefix']}..." if r["prefix"] else "",
             r["created"],
             lim(r["requests_per_minute"]),
@@ -107,9 +134,22 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_role(args: argparse.Namespace) -> int:
+    path = _keys_path(args)
+    doc = read_keys_file(path)
+    entry = doc.keys.get(args.name)
+    if entry is None:
+        print(f"appliance: no key named {args.name!r} in {path}", file=sys.stderr)
+        return 1
+    doc.keys[args.name] = entry.model_copy(update={"role": args.role})
+    write_keys_file(path, doc)
+    print(f"key {args.name!r} is now {args.role!r}; a running server applies it at once", file=sys.stderr)
+    return 0
+
+
 def add_keys_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add `keys` (add, list, revoke) to the `appliance` command."""
-    keys = subparsers.add_parser("keys", help="manage API keys (add, list, revoke)")
+    """Add `keys` (add, list, revoke, role) to the `appliance` command."""
+    keys = subparsers.add_parser("keys", help="manage API keys (add, list, revoke, role)")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -124,10 +164,17 @@ def add_keys_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rpm", type=_positive, default=None, help="requests per minute")
     p.add_argument("--tpm", type=_positive, default=None, help="tokens (prompt + completion) per minute")
     p.add_argument("--max-streams", dest="max_streams", type=_positive, default=None, help="concurrent generations")
+    p.add_argument(
+        "--role",
+        choices=ROLES,
+        default=None,
+        help="admin: models, /metrics, verbose health, everyone's usage; user: inference and its own data; "
+        "metrics: only /metrics (default: admin for the first key, else user)",
+    )
     common(p)
     p.set_defaults(func=cmd_keys_add)
 
-    p = ksub.add_parser("list", help="list keys: names, prefixes, creation times and limits")
+    p = ksub.add_parser("list", help="list keys: names, roles, ids, prefixes, creation times and limits")
     p.add_argument("--json", action="store_true", help="print JSON")
     common(p)
     p.set_defaults(func=cmd_keys_list)
@@ -136,3 +183,9 @@ def add_keys_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("name")
     common(p)
     p.set_defaults(func=cmd_keys_revoke)
+
+    p = ksub.add_parser("role", help="change a key's role (admin, user or metrics)")
+    p.add_argument("name")
+    p.add_argument("role", choices=ROLES)
+    common(p)
+    p.set_defaults(func=cmd_keys_role)

@@ -3,7 +3,8 @@
 Sliding 60-second windows, kept in memory (one API process). A request is admitted when its key has
 request budget left, has not used up its token budget, and has a free stream; its tokens
 (`request.state.prompt_tokens + completion_tokens`, set by the adapters) are counted when it ends, so a
-key can overshoot its token budget by the requests it already has in flight. Over a limit → 429:
+key can overshoot its token budget by the requests it already has in flight. Embedding calls count like
+generations (their prompt tokens, and a stream while they run). Over a limit → 429:
 
     {"error": {"message": ..., "type": "requests" | "tokens" | "streams", "param": null,
                "code": "rate_limit_exceeded"}}
@@ -14,20 +15,36 @@ responses of limited keys always carry).
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from appliance.security.auth import is_open_path, send_error
+from appliance.api.errors import send_error
+from appliance.engine.types import Error
+from appliance.security.auth import is_open_path
 from appliance.security.keys import KeyEntry, KeyStore
 
 WINDOW = 60.0
 
-# Requests that generate (they hold a model slot while they run): POSTs to these paths or below them.
-GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate")
+# Requests that do model work (they hold a model or the embedder while they run, and spend tokens): POSTs
+# to these paths or below them. They count against a key's token budget and concurrent streams.
+GENERATION_PATHS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/api/chat",
+    "/api/generate",
+    "/api/embed",
+    "/api/embeddings",
+)
+# Prometheus gets a `key` label per key only while there are at most this many keys; beyond, "other".
+MAX_KEY_LABELS = 100
+
+
+def key_label(name: str, n_keys: int) -> str:
+    return name if n_keys <= MAX_KEY_LABELS else "other"
 
 
 def is_generation(method: str, path: str) -> bool:
@@ -89,10 +106,14 @@ class RateLimiter:
         t.prune(now)
         return r, t
 
-    def check(self, name: str, key: KeyEntry, generation: bool) -> tuple[str, str, float] | None:
-        """None if admitted, else (type, message, retry_after)."""
+    def check(
+        self, name: str, key: KeyEntry, generation: bool, display: str | None = None
+    ) -> tuple[str, str, float] | None:
+        """None if admitted, else (type, message, retry_after). `name`: the bucket (the key's id);
+        `display`: how messages name the key (default `name`)."""
         now = self.clock()
         r, t = self._windows(name, now)
+        bucket, name = name, display or name
         rpm, tpm, streams = key.requests_per_minute, key.tokens_per_minute, key.max_concurrent_streams
         if rpm is not None and len(r.events) >= rpm:
             return (
@@ -106,7 +127,7 @@ class RateLimiter:
                 f"Rate limit reached for key '{name}' on tokens per minute: limit {tpm}, used {t.total}.",
                 t.wait_until_below(now, tpm),
             )
-        if streams is not None and generation and self.streams.get(name, 0) >= streams:
+        if streams is not None and generation and self.streams.get(bucket, 0) >= streams:
             return (
                 "streams",
                 f"Too many concurrent requests for key '{name}': limit {streams} at a time.",
@@ -158,30 +179,32 @@ class RateLimitMiddleware:
         self.on_limited = on_limited or (lambda key, kind: None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        name = scope.get("state", {}).get("principal") if scope["type"] == "http" else None
+        state = scope.get("state", {}) if scope["type"] == "http" else {}
+        name, key_id = state.get("key_name"), state.get("principal")
         key = self.store.get(name) if name else None
-        if name is None or key is None or not key.limited or is_open_path(scope["path"], True):
+        if not key_id or key is None or not key.limited or is_open_path(scope["path"], True):
             await self.app(scope, receive, send)
             return
         lim = self.limiter
         generation = is_generation(scope["method"], scope["path"])
-        rejected = lim.check(name, key, generation)
+        # Windows are kept per key id: a name revoked and added again starts afresh.
+        rejected = lim.check(key_id, key, generation, name)
         if rejected is not None:
             kind, message, retry_after = rejected
-            self.on_limited(name, kind)
-            headers = [(b"retry-after", str(max(1, math.ceil(retry_after))).encode()), *lim.headers(name, key)]
-            await send_error(send, 429, message, kind, "rate_limit_exceeded", headers)
+            self.on_limited(key_label(name, len(self.store)), kind)
+            headers = {k.decode(): v.decode() for k, v in lim.headers(key_id, key)}
+            err = Error(429, message, kind, "rate_limit_exceeded", retry_after=retry_after)
+            await send_error(scope, receive, send, err, headers)
             return
-        lim.begin(name, generation)
+        lim.begin(key_id, generation)
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *lim.headers(name, key)]
+                message["headers"] = [*message.get("headers", []), *lim.headers(key_id, key)]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_headers)
         finally:
-            state = scope.get("state", {})
             tokens = (state.get("prompt_tokens") or 0) + (state.get("completion_tokens") or 0)
-            lim.end(name, generation, tokens)
+            lim.end(key_id, generation, tokens)
