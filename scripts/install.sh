@@ -33,6 +33,9 @@ NGINX=0
 SYNC=1
 START=1
 TIMEOUT=300
+# The uv that builds the environment, installed into its own virtual environment in /opt/appliance/.uv
+# (never into the system Python). Raise it together with the uv that wrote uv.lock.
+UV_VERSION=0.13.9
 
 die() { echo "install.sh: error: $*" >&2; exit 1; }
 warn() { echo "install.sh: warning: $*" >&2; }
@@ -129,9 +132,9 @@ fi
 
 say "copying the app to $APP"
 # Replace the previous version's files but keep its virtual environment (and a uv-managed Python).
-find "$APP" -mindepth 1 -maxdepth 1 ! -name .venv ! -name .python -exec rm -rf {} +
+find "$APP" -mindepth 1 -maxdepth 1 ! -name .venv ! -name .python ! -name .uv -exec rm -rf {} +
 tar -C "$SRC" -cf - \
-    --exclude=./.git --exclude=./.venv --exclude=./data --exclude=./.env --exclude=./.python \
+    --exclude=./.git --exclude=./.venv --exclude=./data --exclude=./.env --exclude=./.python --exclude=./.uv \
     --exclude=__pycache__ --exclude=.pytest_cache --exclude=.ruff_cache --exclude='*.pyc' . |
     tar -C "$APP" --no-same-owner -xf -
 chmod -R u+rwX,go+rX,go-w "$APP"
@@ -155,15 +158,17 @@ if [[ $CMAKE_ARGS_NEW != "$CMAKE_ARGS_NOW" ]]; then
 fi
 
 if [[ $SYNC == 1 ]]; then
-    if ! command -v uv >/dev/null 2>&1; then
-        say "installing uv (python3 -m pip install uv)"
-        command -v python3 >/dev/null || die "python3 is missing: apt-get install python3 python3-pip"
-        # uv is one static binary without dependencies; Debian marks its Python externally managed.
-        python3 -m pip install --quiet uv 2>/dev/null ||
-            python3 -m pip install --quiet --break-system-packages uv ||
-            die "could not install uv: apt-get install python3-pip, or see https://docs.astral.sh/uv/"
-        hash -r
-        command -v uv >/dev/null || export PATH=/usr/local/bin:$PATH
+    # A pinned uv in a virtual environment of its own: the system Python's packages stay untouched (no
+    # pip into /usr, no --break-system-packages), and every install builds with the same uv.
+    UV=$APP/.uv/bin/uv
+    if [[ ! -x $UV || $("$UV" --version 2>/dev/null) != "uv $UV_VERSION"* ]]; then
+        say "installing uv $UV_VERSION into $APP/.uv"
+        command -v python3 >/dev/null || die "python3 is missing: apt-get install python3 python3-venv"
+        rm -rf "$APP/.uv"
+        python3 -m venv "$APP/.uv" ||
+            die "could not create a virtual environment for uv: apt-get install python3-venv"
+        PIP_DISABLE_PIP_VERSION_CHECK=1 "$APP/.uv/bin/python" -m pip install --quiet "uv==$UV_VERSION" ||
+            die "could not install uv $UV_VERSION from PyPI into $APP/.uv"
     fi
     if [[ $GPU == cuda ]]; then
         [[ -d /usr/local/cuda/bin ]] && export PATH=$PATH:/usr/local/cuda/bin
@@ -188,7 +193,7 @@ if [[ $SYNC == 1 ]]; then
         export UV_PYTHON_PREFERENCE=only-managed
     fi
     say "uv ${sync_args[*]} (building llama.cpp can take 10+ minutes)"
-    (cd "$APP" && uv "${sync_args[@]}")
+    (cd "$APP" && "$UV" "${sync_args[@]}")
     python=$(readlink -f "$APP/.venv/bin/python")
     case $python in
         /root/* | /home/*) die "the venv's Python is $python, hidden from the service (ProtectHome=yes)" ;;
@@ -205,6 +210,39 @@ if [[ ! -e $ETC/appliance.env ]]; then
 else
     say "keeping $ETC/appliance.env"
 fi
+
+# The keys file and the models file are read-only to the service (root:appliance 0640 in a root-owned
+# directory; the unit also has ReadOnlyPaths=/etc/appliance): a compromised service can neither add a
+# key nor repoint a model. Admins manage them as root: `sudo appliance keys add NAME` (with
+# APPLIANCE_KEYS_FILE=/etc/appliance/keys.toml), which keeps the file's owner and mode.
+# Older installs kept them in the data directory, writable by the service: move them here once.
+setting_in_env() { grep -q "^APPLIANCE_$1=" "$ETC/appliance.env"; }
+for pair in KEYS_FILE:keys.toml MODELS_FILE:models.toml; do
+    var=${pair%%:*} file=${pair#*:}
+    setting_in_env "$var" && continue
+    if [[ -f $DATA/$file && ! -e $ETC/$file ]]; then
+        say "moving $DATA/$file to $ETC/$file (read-only to the service)"
+        mv "$DATA/$file" "$ETC/$file"
+    fi
+    if [[ $var == KEYS_FILE || -e $ETC/$file ]]; then
+        say "setting APPLIANCE_$var=/etc/appliance/$file in $ETC/appliance.env"
+        printf '\n# Added by scripts/install.sh: read-only to the service; manage it as root (sudo).\nAPPLIANCE_%s=/etc/appliance/%s\n' \
+            "$var" "$file" >>"$ETC/appliance.env"
+    fi
+done
+if [[ ! -e $ETC/keys.toml ]]; then
+    say "creating an empty keys file $ETC/keys.toml"
+    say "  add keys with: sudo /opt/appliance/.venv/bin/appliance keys add NAME --keys-file /etc/appliance/keys.toml"
+    printf '%s\n' "# API keys of the appliance: sudo /opt/appliance/.venv/bin/appliance keys add|list|revoke ..." \
+        "# --keys-file /etc/appliance/keys.toml (keeps this file's owner root:appliance and mode 0640)." >"$ETC/keys.toml"
+fi
+for file in keys.toml models.toml; do
+    if [[ -f $ETC/$file && ! -L $ETC/$file ]]; then
+        chmod 0640 "$ETC/$file"
+        own root:appliance "$ETC/$file"
+    fi
+done
+
 printf '# written by scripts/install.sh\nGPU=%s\n' "$GPU" >"$ETC/install.conf"
 chmod 0644 "$ETC/install.conf"
 

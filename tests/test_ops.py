@@ -133,6 +133,21 @@ def test_unit_settings() -> None:
     assert set(one("RestrictAddressFamilies").split()) == {"AF_UNIX", "AF_INET", "AF_INET6"}
 
 
+def test_unit_bounds_and_read_only_settings() -> None:
+    assert unit_values(UNIT, "WatchdogSec") == ["60s"]
+    assert unit_values(UNIT, "MemoryMax") == ["90%"]
+    assert unit_values(UNIT, "TasksMax") == ["1024"]
+    # The keys and models files live in /etc/appliance: read-only to the service, whatever a drop-in
+    # does to ProtectSystem=; only the state directory is writable.
+    read_only = " ".join(unit_values(UNIT, "ReadOnlyPaths")).split()
+    assert "/etc/appliance" in read_only
+    assert not unit_values(UNIT, "ReadWritePaths")
+    assert unit_values(UNIT, "ProtectSystem") == ["strict"] and unit_values(UNIT, "StateDirectory") == ["appliance"]
+    assert "keys add" in UNIT.read_text() and "sudo" in UNIT.read_text()  # how admins change them
+    env = dict(line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines() if line.startswith("APPLIANCE_"))
+    assert env["APPLIANCE_KEYS_FILE"] == "/etc/appliance/keys.toml"
+
+
 def test_gpu_dropin_opens_only_nvidia_devices() -> None:
     assert unit_values(GPU_DROPIN, "PrivateDevices") == ["no"]
     assert unit_values(GPU_DROPIN, "DevicePolicy") == ["closed"]
@@ -180,6 +195,34 @@ def test_site_settings() -> None:
     assert read_timeout and int(read_timeout.group(1)) >= 600
     metrics = re.search(r"location = /metrics \{([^}]*)\}", text)
     assert metrics and "allow 127.0.0.1;" in metrics.group(1) and "deny all;" in metrics.group(1)
+
+
+def directive(text: str, name: str) -> list[str]:
+    return [m.strip() for m in re.findall(rf"(?m)^\s*{name}\s+([^;]*);", text)]
+
+
+def test_site_pins_modern_tls() -> None:
+    text = SITE.read_text()
+    assert directive(text, "ssl_protocols") == ["TLSv1.2 TLSv1.3"]
+    (ciphers,) = directive(text, "ssl_ciphers")
+    suites = ciphers.split(":")
+    assert suites and all(c.startswith("ECDHE-") and ("GCM" in c or "CHACHA20" in c) for c in suites), suites
+    assert directive(text, "ssl_prefer_server_ciphers") == ["off"]
+    assert directive(text, "ssl_session_tickets") == ["off"]
+
+
+def test_site_rate_limits() -> None:
+    text = SITE.read_text()
+    (req_zone,) = directive(text, "limit_req_zone")
+    (conn_zone,) = directive(text, "limit_conn_zone")
+    assert req_zone.startswith("$binary_remote_addr zone=appliance_req:") and re.search(r"rate=\d+r/s", req_zone)
+    assert conn_zone.startswith("$binary_remote_addr zone=appliance_conn:")
+    assert directive(text, "limit_req_status") == ["429"] and directive(text, "limit_conn_status") == ["429"]
+    (api,) = [b for b in re.findall(r"location / \{([^}]*)\}", text) if "proxy_pass" in b]  # the HTTPS server's
+    burst = re.search(r"limit_req zone=appliance_req burst=(\d+)", api)
+    conns = re.search(r"limit_conn appliance_conn (\d+);", api)
+    assert burst and int(burst.group(1)) >= 20 and conns and int(conns.group(1)) >= 16  # generous for streams
+    assert "proxy_buffering off;" in text  # streaming stays unbuffered
 
 
 # Debian puts nginx in /usr/sbin, which is not on a normal user's PATH.
@@ -309,6 +352,90 @@ def test_nginx_streams_incrementally(nginx_proxy: SimpleNamespace) -> None:
     assert redirect.status_code == 301 and redirect.headers["location"].startswith("https://")
 
 
+@pytest.fixture
+def nginx_fake_upstream(tmp_path: Path, tls_cert: Path) -> Iterator[SimpleNamespace]:
+    """nginx with the site in front of a tiny HTTP server (no model): TLS and rate-limit checks."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            body = f"xff={self.headers.get('X-Forwarded-For')}".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    from http.server import ThreadingHTTPServer
+
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    https_port = free_port()
+    conf = render_nginx(tmp_path, tls_cert, upstream.server_port, free_port(), https_port)
+    proc = subprocess.Popen(
+        [NGINX, "-c", conf, "-p", f"{tmp_path}/", "-e", tmp_path / "error.log"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", https_port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"nginx did not start:\n{(tmp_path / 'error.log').read_text()}")
+                time.sleep(0.05)
+        yield SimpleNamespace(port=https_port, url=f"https://127.0.0.1:{https_port}")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        upstream.shutdown()
+
+
+def tls_handshake(port: int, version: str, ciphers: str | None = None) -> str | None:
+    """The negotiated cipher, or None if the server refuses this TLS version / cipher list."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.minimum_version = ctx.maximum_version = getattr(ssl.TLSVersion, version)
+    if ciphers:
+        ctx.set_ciphers(ciphers)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, ctx.wrap_socket(raw) as tls:
+            return tls.cipher()[0]
+    except (ssl.SSLError, ConnectionResetError):
+        return None
+
+
+@needs_nginx
+def test_nginx_tls_and_rate_limits(nginx_fake_upstream: SimpleNamespace) -> None:
+    port = nginx_fake_upstream.port
+    assert tls_handshake(port, "TLSv1_3") is not None
+    assert tls_handshake(port, "TLSv1_2", "ECDHE-ECDSA-AES128-GCM-SHA256") == "ECDHE-ECDSA-AES128-GCM-SHA256"
+    assert tls_handshake(port, "TLSv1_2", "ECDHE-ECDSA-AES128-SHA") is None  # CBC suites: refused
+    assert tls_handshake(port, "TLSv1_2", "ECDHE-ECDSA-AES256-SHA384") is None
+
+    with httpx.Client(base_url=nginx_fake_upstream.url, verify=False, timeout=10) as client:
+        # The upstream sees the client's own X-Forwarded-For with nginx's view of the peer appended.
+        r = client.get("/v1/models", headers={"X-Forwarded-For": "6.6.6.6"})
+        assert r.status_code == 200 and r.text == "xff=6.6.6.6, 127.0.0.1"
+        statuses = [client.get("/v1/models") for _ in range(80)]
+    limited = [r for r in statuses if r.status_code == 429]
+    assert limited, [r.status_code for r in statuses]
+    assert sum(r.status_code == 200 for r in statuses) >= 20  # the burst passes
+    err = limited[0].json()["error"]
+    assert err["code"] == "rate_limit_exceeded" and limited[0].headers["retry-after"] == "1"
+
+
 # --- install.sh / uninstall.sh ---------------------------------------------------------------------
 
 
@@ -362,6 +489,62 @@ def test_install_root_stages_the_tree(tmp_path: Path) -> None:
         if f.is_file():
             text = f.read_text()
             assert str(REPO) not in text and str(tmp_path) not in text, f
+
+
+def test_install_root_keys_and_models_files_read_only_to_the_service(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    assert run_script(INSTALL, "--root", str(root)).returncode == 0
+    etc = root / "etc/appliance"
+    keys = etc / "keys.toml"
+    assert keys.is_file() and mode(keys) == 0o640 and mode(etc) == 0o750
+    assert "\nAPPLIANCE_KEYS_FILE=/etc/appliance/keys.toml\n" in (etc / "appliance.env").read_text()
+    assert not (etc / "models.toml").exists()  # the embedded model needs no models file
+    keys.chmod(0o600)
+    (etc / "models.toml").write_text("[[models]]\n")
+    (etc / "models.toml").chmod(0o644)
+    assert run_script(INSTALL, "--root", str(root)).returncode == 0
+    assert mode(keys) == 0o640 and mode(etc / "models.toml") == 0o640  # fixed on every run
+    # (Owners: root:appliance on a real host; a staged tree stays owned by whoever ran the script.)
+
+
+def test_install_moves_keys_and_models_out_of_the_data_dir(tmp_path: Path) -> None:
+    """An older install kept them in /var/lib/appliance, writable by the service: an upgrade moves them."""
+    root = tmp_path / "root"
+    assert run_script(INSTALL, "--root", str(root)).returncode == 0
+    etc, data = root / "etc/appliance", root / "var/lib/appliance"
+    env = etc / "appliance.env"
+    old_env = "".join(line for line in env.read_text().splitlines(True) if not line.startswith("APPLIANCE_KEYS"))
+    env.write_text(old_env + "APPLIANCE_PORT=9000\n")
+    (etc / "keys.toml").unlink()
+    (data / "keys.toml").write_text('[keys.alice]\nsha256 = "x"\n')
+    (data / "keys.toml").chmod(0o600)
+    (data / "models.toml").write_text("[[models]]\n")
+
+    proc = run_script(INSTALL, "--root", str(root))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not (data / "keys.toml").exists() and not (data / "models.toml").exists()
+    assert (etc / "keys.toml").read_text() == '[keys.alice]\nsha256 = "x"\n' and mode(etc / "keys.toml") == 0o640
+    assert (etc / "models.toml").read_text() == "[[models]]\n" and mode(etc / "models.toml") == 0o640
+    text = env.read_text()
+    assert text.startswith(old_env + "APPLIANCE_PORT=9000\n")  # the admin's edits are kept
+    assert "\nAPPLIANCE_KEYS_FILE=/etc/appliance/keys.toml\n" in text
+    assert "\nAPPLIANCE_MODELS_FILE=/etc/appliance/models.toml\n" in text
+    assert run_script(INSTALL, "--root", str(root)).returncode == 0
+    assert env.read_text() == text  # added once
+
+
+def test_install_pins_uv_outside_the_system_python() -> None:
+    text = INSTALL.read_text()
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert "--break-system-packages" not in code
+    version = re.search(r"(?m)^UV_VERSION=(\d+\.\d+\.\d+)$", text)
+    assert version, "install.sh pins uv with UV_VERSION=X.Y.Z"
+    pip_installs = re.findall(r"(?m)^.*pip install.*$", code)
+    assert pip_installs and all('"$APP/.uv/bin/python" -m pip install' in line for line in pip_installs)
+    assert '"uv==$UV_VERSION"' in code and 'python3 -m venv "$APP/.uv"' in code
+    assert '"$UV" "${sync_args[@]}"' in code and not re.search(r"(?m)^\s*\(?cd [^)]*&& uv ", code)
+    # An upgrade keeps the uv environment like the app's own .venv.
+    assert "! -name .uv" in code and "--exclude=./.uv" in code
 
 
 def test_install_root_is_idempotent_and_keeps_local_edits(tmp_path: Path) -> None:
