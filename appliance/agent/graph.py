@@ -18,10 +18,10 @@ START → recall → route ─┬─(tool calls)→ tools → answer ─┬─(t
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import logging
-import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypedDict
@@ -39,11 +39,13 @@ from langchain_core.messages.utils import count_tokens_approximately, trim_messa
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.prebuilt import ToolNode
+from langgraph.prebuilt.tool_node import TOOL_CALL_ERROR_TEMPLATE
 from langgraph.runtime import Runtime
 
 from appliance.agent import intents
 from appliance.agent.chat_model import text_of
 from appliance.agent.tools import all_tools
+from appliance.engine.types import EngineError
 
 log = logging.getLogger("appliance.agent")
 
@@ -92,14 +94,29 @@ def new_call_id() -> str:
 
 # -- tool calls a model writes as text ---------------------------------------------------------------
 
-_TOOL_TAG = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+_OPEN_TAG, _CLOSE_TAG = "<tool_call>", "</tool_call>"
+INLINE_DETECT_CHARS = 256  # longer user messages go through the intent rules on a worker thread
+
+
+def _tool_bodies(text: str) -> list[str]:
+    """The bodies of `<tool_call>…</tool_call>` (the last one may be unclosed), by string search: linear."""
+    bodies, pos = [], 0
+    while (start := text.find(_OPEN_TAG, pos)) != -1:
+        start += len(_OPEN_TAG)
+        end = text.find(_CLOSE_TAG, start)
+        if end == -1:
+            bodies.append(text[start:].strip())
+            break
+        bodies.append(text[start:end].strip())
+        pos = end + len(_CLOSE_TAG)
+    return bodies
 
 
 def parse_tool_calls(text: str, names: list[str]) -> list[dict[str, Any]]:
     """Tool calls a model wrote at the very start of its reply, for tools that exist; else []."""
     s = text.strip()
-    if s.startswith("<tool_call>"):
-        bodies = _TOOL_TAG.findall(s)
+    if s.startswith(_OPEN_TAG):
+        bodies = _tool_bodies(s)
     elif s.startswith("{"):
         bodies = [s]
     else:
@@ -231,6 +248,14 @@ def turn_summary(state: AgentState, now: dt.datetime | None = None) -> str | Non
 # -- the graph --------------------------------------------------------------------------------------------
 
 
+def tool_error(e: Exception) -> str:
+    """A tool's failure as its result (the model sees it), except an EngineError (e.g. `quota_exceeded`
+    from save_memory), which ends the run with that error for the client to see."""
+    if isinstance(e, EngineError):
+        raise e
+    return TOOL_CALL_ERROR_TEMPLATE.format(error=repr(e))
+
+
 def build_graph(memory: Any | None, checkpointer: Any, opts: AgentOptions | None = None):
     """Compile the agent graph over `memory` (a MemoryStore or None) with `checkpointer` (threads)."""
     opts = opts or AgentOptions()
@@ -251,7 +276,11 @@ def build_graph(memory: Any | None, checkpointer: Any, opts: AgentOptions | None
         last = state["messages"][-1] if state["messages"] else None
         if not isinstance(last, HumanMessage):
             return {}
-        found = intents.detect(text_of(last), memory=memory is not None)
+        text = text_of(last)
+        if len(text) > INLINE_DETECT_CHARS:  # linear, but not free: keep the event loop free meanwhile
+            found = await asyncio.to_thread(intents.detect, text, memory is not None)
+        else:
+            found = intents.detect(text, memory=memory is not None)
         if not found:
             return {}
         calls = [{"name": i.name, "args": i.args, "id": new_call_id(), "type": "tool_call"} for i in found]
@@ -279,6 +308,8 @@ def build_graph(memory: Any | None, checkpointer: Any, opts: AgentOptions | None
             ctx = runtime.context
             try:
                 await memory.add(ctx.scope, summary, kind="summary", thread_id=ctx.thread_id)
+            except EngineError as e:  # e.g. the key's memory quota is reached: summaries are skipped
+                log.info("turn summary for thread %s not saved: %s", ctx.thread_id, e.error.message)
             except Exception as e:  # the answer stands even if memory cannot take the summary
                 log.warning("could not save a turn summary for thread %s: %s", ctx.thread_id, e)
         return {}
@@ -294,7 +325,7 @@ def build_graph(memory: Any | None, checkpointer: Any, opts: AgentOptions | None
     g = StateGraph(AgentState, context_schema=AgentContext)
     g.add_node("recall", recall)
     g.add_node("route", route)
-    g.add_node("tools", ToolNode(tools, handle_tool_errors=True))
+    g.add_node("tools", ToolNode(tools, handle_tool_errors=tool_error))
     g.add_node("answer", answer)
     g.add_node("remember", remember)
     g.add_edge(START, "recall")

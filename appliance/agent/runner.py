@@ -64,6 +64,23 @@ class AnswerFilter:
         return out
 
 
+async def check_thread_quota(service: Any, scope: str) -> None:
+    """429 `quota_exceeded` when `scope` already owns APPLIANCE_MAX_THREADS_PER_KEY threads. (Raised after the
+    run is admitted, as an event: a 429 before the first event would count against the agent's breaker.)"""
+    limit = service.settings.max_threads_per_key
+    if limit and (n := await service.threads.count(scope)) >= limit:
+        raise EngineError(
+            Error(
+                429,
+                f"Thread quota reached: this key already has {n} threads, the most it may keep "
+                f"(APPLIANCE_MAX_THREADS_PER_KEY={limit}). Delete threads it no longer needs "
+                "(DELETE /v1/threads/{thread_id}) to start new ones; its existing threads can still be continued.",
+                "invalid_request_error",
+                "quota_exceeded",
+            )
+        )
+
+
 async def _drive(
     service: Any, req: GenerateRequest, tid: str, new: bool, entry_id: str, model_id: str, emit: Callable[[Event], None]
 ) -> None:
@@ -73,6 +90,8 @@ async def _drive(
     try:
         # Memory needs the embedding model: wait for it (bounded) before the thread records anything,
         # so a 503 `embeddings_loading` leaves no half turn behind for the client's retry.
+        if new:
+            await check_thread_quota(service, req.scope)
         await service.embeddings.wait_ready()
         if new:
             first = next(m for m in messages if isinstance(m, HumanMessage))
@@ -105,6 +124,10 @@ async def _drive(
                     usage.cached_tokens += (u.get("input_token_details") or {}).get("cache_read", 0) or 0
                     reason = reply.response_metadata.get("finish_reason", reason) or reason
         await service.threads.touch(tid, entry_id)
+        try:  # keep only the latest checkpoint: the thread's size grows with its history, not its square
+            await service.threads.prune(tid)
+        except Exception as e:
+            log.warning("could not prune the checkpoints of thread %s: %s", tid, e)
         emit(Finish(reason if reason in ("stop", "length") else "stop", usage))
     except GraphRecursionError:
         emit(

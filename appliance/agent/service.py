@@ -54,7 +54,9 @@ class AgentService:
         self.embeddings = embeddings or EmbeddingService(
             wait=settings.embeddings_wait, threads=settings.embeddings_threads
         )
-        self.memory = MemoryStore(settings.data_dir / "memory", self.embeddings)
+        self.memory = MemoryStore(
+            settings.data_dir / "memory", self.embeddings, max_per_scope=settings.max_memories_per_key
+        )
         self.threads = ThreadStore(settings.data_dir / "agent" / "threads.sqlite")
         self.model_factory = model_factory  # tests: a scripted chat model instead of the engine's
         self.graph: Any = None

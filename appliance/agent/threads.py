@@ -7,6 +7,11 @@ checkpoints alike. Two keys can each have a thread `t1`, and asking for another 
 for one's own (new or missing) thread: there is nothing to tell whether the other exists. Responses
 show the client's id (`ThreadMeta.thread_id`). Rows stored before namespacing are renamed at open.
 
+Checkpoints: LangGraph writes one per graph step, each holding the whole history. After every completed
+run `prune()` keeps only the thread's latest checkpoint (and its pending writes): all that the API and the
+next run read. So a thread's rows hold its history once, and the file grows linearly with it (freed pages
+are reused).
+
 One connection and one saver per process, opened in the app's lifespan. WAL journal, `synchronous=FULL`
 (a finished turn survives a crash or power loss) and a busy timeout. The metadata statements take the
 saver's lock, so they never interleave with a checkpoint transaction on the shared connection.
@@ -193,6 +198,64 @@ class ThreadStore:
         async with self.conn.execute(sql, (*args, limit + 1)) as cur:
             rows = await cur.fetchall()
         return [ThreadMeta(*r) for r in rows[:limit]], len(rows) > limit
+
+    async def count(self, scope: str) -> int:
+        """How many threads `scope` owns."""
+        async with self.conn.execute("SELECT COUNT(*) FROM threads WHERE scope = ?", (scope,)) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def scope_counts(self) -> dict[str, int]:
+        """scope → number of threads, for every owner."""
+        async with self.conn.execute("SELECT scope, COUNT(*) FROM threads GROUP BY scope") as cur:
+            return {scope: int(n) for scope, n in await cur.fetchall()}
+
+    async def prune(self, thread_id: str) -> int:
+        """Delete every checkpoint of the thread but its latest, and the writes of those (called after each
+        completed run). Returns the number of checkpoints deleted."""
+        async with self.saver.lock:
+            async with self.conn.execute(
+                "SELECT checkpoint_id FROM checkpoints WHERE thread_id = ? AND checkpoint_ns = ''"
+                " ORDER BY checkpoint_id DESC LIMIT 1",
+                (thread_id,),
+            ) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                return 0
+            deleted = 0
+            for table in CHECKPOINT_TABLES:
+                cur = await self.conn.execute(
+                    f"DELETE FROM {table} WHERE thread_id = ? AND checkpoint_id != ?", (thread_id, row[0])
+                )
+                if table == "checkpoints":
+                    deleted = cur.rowcount
+                await cur.close()
+            await self.conn.commit()
+        return deleted
+
+    async def move_scope(self, old: str, new: str) -> dict[str, str]:
+        """Give every thread of `old` to `new` (`appliance data assign`): stored ids, owner and checkpoints.
+        A client id `new` already uses gets a suffix (`t1-2`). Returns old stored id → new stored id."""
+        async with self.conn.execute("SELECT id FROM threads WHERE scope = ? ORDER BY id", (old,)) as cur:
+            ids = [r[0] for r in await cur.fetchall()]
+        async with self.conn.execute("SELECT id FROM threads WHERE scope = ?", (new,)) as cur:
+            taken = {r[0] for r in await cur.fetchall()}
+        moved: dict[str, str] = {}
+        async with self.saver.lock:
+            for old_id in ids:
+                cid = client_id(old_id)
+                target, n = stored_id(new, cid), 1
+                while target in taken:
+                    n += 1
+                    suffix = f"-{n}"
+                    target = stored_id(new, cid[: 128 - len(suffix)] + suffix)
+                taken.add(target)
+                await self.conn.execute("UPDATE threads SET id = ?, scope = ? WHERE id = ?", (target, new, old_id))
+                for table in CHECKPOINT_TABLES:
+                    await self.conn.execute(f"UPDATE {table} SET thread_id = ? WHERE thread_id = ?", (target, old_id))
+                moved[old_id] = target
+            await self.conn.commit()
+        return moved
 
     async def delete(self, thread_id: str) -> None:
         """Remove the thread's checkpoints (adelete_thread) and its metadata."""

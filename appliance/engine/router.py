@@ -32,7 +32,8 @@ Clock = Callable[[], float]
 
 
 def is_backend_failure(err: Error) -> bool:
-    return err.status >= 500 or err.status == 429
+    """5xx or an upstream's 429; a client's own quota (429 quota_exceeded) is not the backend's fault."""
+    return err.status >= 500 or (err.status == 429 and err.code != "quota_exceeded")
 
 
 class EngineHooks:

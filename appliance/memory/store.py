@@ -5,6 +5,10 @@ service and are always passed explicitly: Chroma's default embedding function (w
 is never used — no call here hands Chroma text without vectors. Every read filters on `scope`, so one
 user's memories never reach another's prompts. Chroma calls are blocking; they run on one dedicated
 thread, in order (the first job opens the client, so start-up never waits for the import).
+
+Quota: with `max_per_scope`, a scope (a key) holding that many memories cannot add another (429
+`quota_exceeded`); saving a memory it already has is not a new one. Counts per scope are taken once and
+then kept up to date on the memory thread, where every write runs, so the check and the write are atomic.
 """
 
 from __future__ import annotations
@@ -73,10 +77,27 @@ def _from_chroma(id_: str, doc: str | None, meta: dict[str, Any] | None, distanc
     )
 
 
+def quota_error(limit: int) -> Exception:
+    from appliance.engine.types import EngineError, Error
+
+    return EngineError(
+        Error(
+            429,
+            f"Memory quota reached: this key already has {limit} memories, the most it may keep "
+            f"(APPLIANCE_MAX_MEMORIES_PER_KEY={limit}). Delete memories it no longer needs "
+            "(DELETE /v1/memories/{memory_id}, or DELETE /v1/memories for all of them) to save new ones.",
+            "invalid_request_error",
+            "quota_exceeded",
+        )
+    )
+
+
 class MemoryStore:
-    def __init__(self, path: Path, embedder: Embedder):
+    def __init__(self, path: Path, embedder: Embedder, max_per_scope: int | None = None):
         self.path = path
         self.embedder = embedder
+        self.max_per_scope = max_per_scope or None  # 0/None: no limit
+        self._counts: dict[str, int] = {}  # scope → memories; read and written on the memory thread only
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory")
         self._client: Any = None
         self._col: Any = None
@@ -136,18 +157,49 @@ class MemoryStore:
             raise ValueError("empty memory")
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}")
-        [vector] = await self.embedder.embed([text])
         mem = Memory(memory_id(scope, kind, text), text, kind, scope, thread_id, time.time())
+        limit = self.max_per_scope
+        if limit and not await self._run(self._has_room, scope, mem.id):
+            raise quota_error(limit)  # before the embedding: a full key costs no model time
+        [vector] = await self.embedder.embed([text])
         meta = {"scope": scope, "kind": kind, "created_at": mem.created_at, "thread_id": thread_id or ""}
-        await self._run(lambda: self._col.upsert(ids=[mem.id], embeddings=[vector], documents=[text], metadatas=[meta]))
+
+        def run() -> bool:
+            is_new = not self._col.get(ids=[mem.id], include=[])["ids"]
+            if is_new and limit and self._scope_count(scope) >= limit:
+                return False
+            self._col.upsert(ids=[mem.id], embeddings=[vector], documents=[text], metadatas=[meta])
+            if is_new and scope in self._counts:
+                self._counts[scope] += 1
+            return True
+
+        if not await self._run(run):
+            raise quota_error(limit or 0)
         return mem
+
+    # memory thread only ---------------------------------------------------------------------------
+
+    def _scope_count(self, scope: str) -> int:
+        if scope not in self._counts:
+            self._counts[scope] = len(self._col.get(where={"scope": scope}, include=[])["ids"])
+        return self._counts[scope]
+
+    def _has_room(self, scope: str, memory_id: str) -> bool:
+        if self.max_per_scope is None or self._scope_count(scope) < self.max_per_scope:
+            return True
+        return bool(self._col.get(ids=[memory_id], include=[])["ids"])  # an update of one it has
 
     async def delete(self, memory_id: str, scope: str | None = None) -> bool:
         """Delete one memory (only if it belongs to `scope`, when given). False if there is no such memory."""
         mem = await self.get(memory_id)
         if mem is None or (scope is not None and mem.scope != scope):
             return False
-        await self._run(lambda: self._col.delete(ids=[memory_id]))
+
+        def run() -> None:
+            self._col.delete(ids=[memory_id])
+            self._counts.pop(mem.scope, None)
+
+        await self._run(run)
         return True
 
     async def delete_scope(self, scope: str) -> int:
@@ -155,6 +207,7 @@ class MemoryStore:
             ids = self._col.get(where={"scope": scope}, include=[])["ids"]
             if ids:
                 self._col.delete(ids=ids)
+            self._counts[scope] = 0
             return len(ids)
 
         return await self._run(run)
@@ -208,4 +261,48 @@ class MemoryStore:
     async def count(self, scope: str | None = None) -> int:
         if scope is None:
             return await self._run(lambda: self._col.count())
-        return await self._run(lambda: len(self._col.get(where={"scope": scope}, include=[])["ids"]))
+        return await self._run(self._scope_count, scope)
+
+    async def scope_counts(self) -> dict[str, int]:
+        """scope → number of memories, for every owner."""
+
+        def run() -> dict[str, int]:
+            counts: dict[str, int] = {}
+            for meta in self._col.get(include=["metadatas"])["metadatas"]:
+                scope = str((meta or {}).get("scope", ""))
+                counts[scope] = counts.get(scope, 0) + 1
+            return counts
+
+        return await self._run(run)
+
+    # -- administration ----------------------------------------------------------------------------
+
+    async def move_scope(self, old: str, new: str, threads: dict[str, str] | None = None) -> int:
+        """Give every memory of `old` to `new` (`appliance data assign`), with the ids `new` would have given
+        them (a fact both have is kept once) and their thread ids renamed by `threads` (old stored id → new).
+        Not subject to the quota. Returns how many memories moved."""
+        threads = threads or {}
+
+        def run() -> int:
+            r = self._col.get(where={"scope": old}, include=["documents", "metadatas", "embeddings"])
+            if not r["ids"]:
+                return 0
+            ids, docs, metas = [], [], []
+            for doc, meta in zip(r["documents"], r["metadatas"], strict=True):
+                meta = dict(meta or {})
+                kind = str(meta.get("kind", "fact"))
+                tid = str(meta.get("thread_id") or "")
+                meta.update(scope=new, thread_id=threads.get(tid) or threads.get(f"{old}:{tid}") or tid)
+                ids.append(memory_id(new, kind, doc or ""))
+                docs.append(doc or "")
+                metas.append(meta)
+            self._col.upsert(ids=ids, embeddings=list(r["embeddings"]), documents=docs, metadatas=metas)
+            kept = set(ids)
+            stale = [i for i in r["ids"] if i not in kept]
+            if stale:
+                self._col.delete(ids=stale)
+            self._counts.pop(old, None)
+            self._counts.pop(new, None)
+            return len(r["ids"])
+
+        return await self._run(run)
