@@ -97,7 +97,12 @@ def create_app(
     # -- middleware, outermost first -------------------------------------------------------------------
     middleware = [
         Middleware(RequestIdMiddleware),
-        Middleware(AccessMiddleware, metrics=metrics, log_prompts=settings.log_prompts),
+        Middleware(
+            AccessMiddleware,
+            metrics=metrics,
+            log_prompts=settings.log_prompts,
+            trusted_proxies=settings.trusted_proxies,
+        ),
     ]
     if settings.cors_origins:
         middleware.append(

@@ -1,4 +1,4 @@
-"""The `appliance` command: serve, doctor, models, bench, keys, usage.
+"""The `appliance` command: serve, doctor, models, bench, keys, usage, data.
 
 Every `Settings` field is also a flag of `serve`, `doctor` and `models` (`context_size` is `--context-size`),
 derived from the field: its type, its `description=` and its default are what `--help` shows.
@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     from appliance.security.usage import add_usage_command
 
     add_usage_command(sub)
+    from appliance.data_cli import add_data_command
+
+    add_data_command(sub)
     return parser
 
 

@@ -6,6 +6,7 @@ the `.env` file, built-in defaults.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tomllib
@@ -102,6 +103,12 @@ class Settings(BaseSettings):
     agent_memory_min_score: float = Field(0.2, ge=-1, le=1, description="cosine similarity a recalled memory needs")
     agent_history_tokens: int = Field(3000, ge=256, description="approximate tokens of thread history in the prompt")
     agent_tool_prompt: bool = Field(False, description="describe the tool-call format to the model")
+    max_threads_per_key: int = Field(
+        1000, ge=0, description="agent threads one key (or user) may keep; a new one beyond is 429; 0: no limit"
+    )
+    max_memories_per_key: int = Field(
+        10_000, ge=0, description="memories one key (or user) may keep; saving one beyond is 429; 0: no limit"
+    )
     embeddings_preload: bool = Field(True, description="load the embedding model at start (in the background)")
     embeddings_wait: float = Field(60.0, ge=0, description="seconds a request waits for the embedding model")
     embeddings_threads: int = Field(1, ge=1, le=64, description="CPU threads of the embedding model")
@@ -117,6 +124,11 @@ class Settings(BaseSettings):
         "info", description="debug also shows llama.cpp's own log"
     )
     log_prompts: bool = Field(False, description="log prompt and completion text (debugging only)")
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.1", "::1"],
+        description="proxy addresses or CIDRs (comma-separated or a JSON list) whose X-Forwarded-For names the "
+        "client in the access log; from any other peer the header is ignored",
+    )
 
     @field_validator("cors_origins", mode="before")
     @classmethod
@@ -125,6 +137,26 @@ class Settings(BaseSettings):
             v = v.strip()
             v = json.loads(v) if v.startswith("[") else v.split(",")
         return [o.strip().rstrip("/") for o in v if o.strip()] if isinstance(v, list) else v
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_proxies(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = v.strip()
+            v = json.loads(v) if v.startswith("[") else v.split(",")
+        if not isinstance(v, list):
+            return v
+        out = []
+        for p in v:
+            p = str(p).strip()
+            if not p:
+                continue
+            try:
+                ipaddress.ip_network(p, strict=False)
+            except ValueError:
+                raise ValueError(f"not an IP address or CIDR: {p!r}") from None
+            out.append(p)
+        return out
 
     @property
     def keys_path(self) -> Path:

@@ -52,15 +52,15 @@ class OllamaBackend(HTTPBackend):
 
     async def _stream(self, req: GenerateRequest) -> AsyncIterator[Event]:
         opts = options_for(req, self.settings.default_max_tokens)
-        keep_alive = req.keep_alive
+        common: dict[str, Any] = {"stream": True, "options": opts, "keep_alive": req.keep_alive}
+        if (out := req.params.output) is not None:  # Ollama's own structured outputs
+            common["format"] = "json" if out.kind == "json_object" else out.schema
         try:
             if req.messages is not None:
                 msgs = [{"role": _role(m.role), "content": m.content} for m in req.messages]
-                parts = await self._client.chat(self.spec.model, msgs, stream=True, options=opts, keep_alive=keep_alive)
+                parts = await self._client.chat(self.spec.model, msgs, **common)
             else:
-                parts = await self._client.generate(
-                    self.spec.model, req.prompt or "", raw=True, stream=True, options=opts, keep_alive=keep_alive
-                )
+                parts = await self._client.generate(self.spec.model, req.prompt or "", raw=True, **common)
             async for part in parts:
                 text = part.message.content if req.messages is not None else part.response
                 if text:

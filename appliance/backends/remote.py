@@ -49,6 +49,12 @@ class RemoteBackend(HTTPBackend):
             args["stop"] = list(p.stop)
         if req.user:
             args["user"] = req.user
+        if (out := p.output) is not None and req.messages is not None:  # the upstream enforces it
+            args["response_format"] = (
+                {"type": "json_object"}
+                if out.kind == "json_object"
+                else {"type": "json_schema", "json_schema": {"name": out.name or "output", "schema": out.schema}}
+            )
         return args
 
     async def _stream(self, req: GenerateRequest) -> AsyncIterator[Event]:

@@ -17,6 +17,15 @@ class Message:
     content: str
 
 
+@dataclass(slots=True, frozen=True)
+class OutputFormat:
+    """What shape the output must have: free text, any JSON object, or JSON valid against `schema`."""
+
+    kind: Literal["text", "json_object", "json_schema"] = "text"
+    schema: dict | None = None
+    name: str | None = None
+
+
 @dataclass(slots=True)
 class SamplingParams:
     max_tokens: int | None = None  # None: the appliance's default cap, bounded by the context
@@ -29,6 +38,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repeat_penalty: float = 1.0
+    output: OutputFormat | None = None  # structured outputs: enforced by a grammar where the backend can
 
 
 @dataclass(slots=True)

@@ -55,9 +55,21 @@ class ChatMessage(RequestModel):
     content: str = ""
 
 
+Format = Literal["json", ""] | dict[str, Any] | None  # Ollama's structured outputs: "json" or a JSON schema
+
+
+def output_format(fmt: Format) -> core.OutputFormat | None:
+    if not fmt:
+        return None
+    if fmt == "json":
+        return core.OutputFormat("json_object")
+    return core.OutputFormat("json_schema", fmt)
+
+
 class ChatRequest(RequestModel):
     model: str = Field(min_length=1, examples=["default"])
     messages: list[ChatMessage] = Field(default_factory=list)
+    format: Format = None
     stream: bool = True
     options: Options | None = None
     keep_alive: KeepAlive = None
@@ -68,6 +80,7 @@ class GenerateRequest(RequestModel):
     prompt: str = ""
     system: str | None = None
     raw: bool = False
+    format: Format = None
     stream: bool = True
     options: Options | None = None
     keep_alive: KeepAlive = None
@@ -114,8 +127,8 @@ def parse_keep_alive(value: KeepAlive) -> float | None:
     return -1.0 if seconds > FOREVER else seconds
 
 
-def sampling(o: Options | None) -> core.SamplingParams:
-    p = core.SamplingParams(temperature=0.8, top_p=0.9)  # Ollama's defaults
+def sampling(o: Options | None, fmt: Format = None) -> core.SamplingParams:
+    p = core.SamplingParams(temperature=0.8, top_p=0.9, output=output_format(fmt))  # Ollama's defaults
     if o is None:
         return p
     for name in ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty"):
@@ -135,7 +148,7 @@ def chat_request(body: ChatRequest, model: str, **caller: Any) -> core.GenerateR
     return core.GenerateRequest(
         model=model,
         messages=[core.Message(m.role, m.content) for m in body.messages],
-        params=sampling(body.options),
+        params=sampling(body.options, body.format),
         keep_alive=parse_keep_alive(body.keep_alive),
         **caller,
     )
@@ -143,7 +156,9 @@ def chat_request(body: ChatRequest, model: str, **caller: Any) -> core.GenerateR
 
 def generate_request(body: GenerateRequest, model: str, **caller: Any) -> core.GenerateRequest:
     """`raw` sends the prompt as is; otherwise the model's template applies (with `system`), as Ollama does."""
-    common = dict(model=model, params=sampling(body.options), keep_alive=parse_keep_alive(body.keep_alive), **caller)
+    common = dict(
+        model=model, params=sampling(body.options, body.format), keep_alive=parse_keep_alive(body.keep_alive), **caller
+    )
     if body.raw:
         return core.GenerateRequest(prompt=body.prompt, **common)
     msgs = ([core.Message("system", body.system)] if body.system else []) + [core.Message("user", body.prompt)]

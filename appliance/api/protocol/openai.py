@@ -13,7 +13,17 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, field_validator
 
 from appliance.api.protocol.common import OmitNone, RequestModel, ResponseModel
-from appliance.engine.types import Error, Event, Finish, GenerateRequest, Message, SamplingParams, Token, Usage
+from appliance.engine.types import (
+    Error,
+    Event,
+    Finish,
+    GenerateRequest,
+    Message,
+    OutputFormat,
+    SamplingParams,
+    Token,
+    Usage,
+)
 
 MAX_STOP = 4  # OpenAI's own bound on stop sequences
 
@@ -58,6 +68,41 @@ class ChatMessage(RequestModel):
         return "".join(p.text for p in self.content)
 
 
+class ResponseFormatText(RequestModel):
+    type: Literal["text"]
+
+
+class ResponseFormatJSONObject(RequestModel):
+    type: Literal["json_object"]
+
+
+class JSONSchemaFormat(RequestModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="a JSON schema the output must match")
+    strict: bool | None = None
+
+
+class ResponseFormatJSONSchema(RequestModel):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+
+ResponseFormat = Annotated[
+    ResponseFormatText | ResponseFormatJSONObject | ResponseFormatJSONSchema, Field(discriminator="type")
+]
+
+
+def output_format(rf: ResponseFormat | None) -> OutputFormat | None:
+    """`response_format` as the internal output format: decoding is constrained by a grammar."""
+    if rf is None or isinstance(rf, ResponseFormatText):
+        return None
+    if isinstance(rf, ResponseFormatJSONObject):
+        return OutputFormat("json_object")
+    spec = rf.json_schema
+    return OutputFormat("json_schema", spec.schema_ or {"type": "object"}, spec.name)
+
+
 class StreamOptions(RequestModel):
     include_usage: bool = False
 
@@ -80,6 +125,7 @@ class SamplingFields(RequestModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("n")
     @classmethod
@@ -94,7 +140,7 @@ class SamplingFields(RequestModel):
 
     def sampling(self, max_tokens: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        p = SamplingParams(max_tokens=max_tokens, stop=stop, seed=self.seed)
+        p = SamplingParams(max_tokens=max_tokens, stop=stop, seed=self.seed, output=output_format(self.response_format))
         if self.temperature is not None:
             p.temperature = self.temperature
         if self.top_p is not None:

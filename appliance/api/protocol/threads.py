@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
-from appliance.api.protocol.common import RequestModel, ResponseModel, client_error, param_path
+from appliance.api.protocol.common import OmitNone, RequestModel, ResponseModel, client_error, param_path
 
 # -- queries (strings on the wire, so parsed laxly: "5" is 5) -------------------------------------
 
@@ -115,7 +115,7 @@ class MemoryList(ResponseModel):
     has_more: bool | None = None
 
 
-class Deleted(ResponseModel):
+class Deleted(OmitNone):
     id: str | None = None
     object: str
     deleted: bool | int = Field(description="true, or how many were deleted")

@@ -45,15 +45,22 @@ class Job:
     tokens: list[int]
     max_tokens: int
     params: SamplingParams = field(default_factory=SamplingParams)
+    grammar: str | None = None  # GBNF (grammar.py): structured outputs, enforced token by token
 
 
 class _Sampler:
     """A llama.cpp sampler chain for one sequence (freed with the sequence)."""
 
-    def __init__(self, p: SamplingParams, n_vocab: int):
+    def __init__(self, p: SamplingParams, n_vocab: int, vocab: Any = None, grammar: str | None = None):
         params = llama_cpp.llama_sampler_chain_default_params()
         self.ptr = llama_cpp.llama_sampler_chain_init(params)
         add = llama_cpp.llama_sampler_chain_add
+        if grammar is not None:  # first: the others choose only among tokens the grammar allows
+            g = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+            if not g:
+                self.free()
+                raise ValueError("the grammar could not be parsed")
+            add(self.ptr, g)
         if p.presence_penalty or p.frequency_penalty or p.repeat_penalty != 1.0:
             add(
                 self.ptr,
@@ -185,6 +192,14 @@ class Scheduler:
         self._piece = ctypes.create_string_buffer(256)
 
     # -- requests ---------------------------------------------------------------------------
+    def grammar_ok(self, grammar: str) -> bool:
+        """Whether llama.cpp parses `grammar` (checked before a job is queued, so it cannot fail later)."""
+        g = llama_cpp.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
+        if not g:
+            return False
+        llama_cpp.llama_sampler_free(g)
+        return True
+
     def submit(self, job: Job) -> None:
         self.waiting.append(job)
 
@@ -289,7 +304,7 @@ class Scheduler:
             del slot.tokens[keep:]
             slot.seq = _Seq(
                 job=job,
-                sampler=_Sampler(job.params, self.n_vocab),
+                sampler=_Sampler(job.params, self.n_vocab, self.vocab, job.grammar),
                 pending=job.tokens[keep:],
                 cached=keep,
                 stops=_StopFilter(job.params.stop),
