@@ -382,7 +382,11 @@ def test_api_key_prompt_and_session_storage(browser, tmp_path: Path) -> None:
         pg.click("#key-submit")
         wait_models(pg)
         assert pg.is_hidden("#key-dialog")
-        assert default_model(server) in pg.eval_on_selector_all("#model option", "os => os.map(o => o.value)")
+        verbose = httpx.get(
+            f"{server.base_url}/health", params={"verbose": 1}, headers={"Authorization": f"Bearer {key}"}
+        ).json()
+        assert verbose["default_model"] in pg.eval_on_selector_all("#model option", "os => os.map(o => o.value)")
+        wait_js(pg, "/\\d+ requests/.test(document.getElementById('st-usage').textContent)")
         assert pg.evaluate("sessionStorage.getItem('appliance.apiKey')") == key
         assert pg.evaluate("localStorage.length") == 0 and pg.evaluate("document.cookie") == ""
         wait_js(pg, "document.getElementById('st-mem').textContent.includes('/')")  # metrics with the key

@@ -160,6 +160,7 @@ async def test_completion_shapes(tmp_path, openai_schema) -> None:
         (json.dumps({**CHAT, "temperature": "1"}).encode(), "temperature", "invalid_value"),
         (json.dumps({**CHAT, "max_tokens": 2.0}).encode(), "max_tokens", "invalid_value"),
         (json.dumps({**CHAT, "stop": ["a"] * 5}).encode(), "stop", "invalid_value"),
+        (json.dumps({**CHAT, "stop": ["a" * 257]}).encode(), "stop", "invalid_value"),
         (json.dumps({**CHAT, "n": 2}).encode(), "n", "invalid_value"),
         (json.dumps({**CHAT, "messages": [{"role": "robot", "content": "x"}]}).encode(), "messages[0].role", None),
         (json.dumps({**CHAT, "temperature": float("nan")}).encode(), "temperature", "invalid_value"),
@@ -267,6 +268,7 @@ async def test_ollama_shapes(tmp_path) -> None:
         {"repeat_penalty": 0},
         {"top_p": 0},
         {"stop": ["x"] * 17},
+        {"stop": "x" * 257},
         {"num_predict": "8"},
     ],
 )

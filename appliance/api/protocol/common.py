@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 from appliance.engine.types import EngineError, Error
 
@@ -23,6 +23,8 @@ class ResponseModel(BaseModel):
 
 
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on inputs per embeddings request, on both APIs
+MAX_STOP_CHARS = 256  # per stop string, on both APIs: the worker scans every stop string at every token
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 
 
 class OmitNone(ResponseModel):
@@ -55,7 +57,7 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
         p
         for p in loc
         if isinstance(p, int)
-        or not (p.startswith(("function-", "json-or-python")) or "[" in p or p in ("str", "int", "list", "dict"))
+        or not (p.startswith(("function-", "json-or-python", "constrained-")) or "[" in p or p in ("str", "int", "list", "dict"))
     )
 
 

@@ -10,11 +10,11 @@ import math
 import re
 import time
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from appliance.api.protocol.common import OmitNone, RequestModel, ResponseModel, client_error
+from appliance.api.protocol.common import OmitNone, RequestModel, ResponseModel, StopString, client_error
 from appliance.engine import types as core
 from appliance.engine.router import Stream
 
@@ -41,7 +41,7 @@ class Options(RequestModel):
     min_p: float | None = Field(None, ge=0, le=1)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     num_predict: int | None = Field(None, ge=-2, le=1 << 20, description="-1 or -2: no limit but the context")
-    stop: list[str] | str | None = Field(None, max_length=MAX_STOP)
+    stop: Annotated[list[StopString], Field(max_length=MAX_STOP)] | StopString | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repeat_penalty: float | None = Field(None, gt=0, le=2)

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from appliance.api.protocol.common import OmitNone, RequestModel, ResponseModel
+from appliance.api.protocol.common import OmitNone, RequestModel, ResponseModel, StopString
 from appliance.engine.types import (
     Error,
     Event,
@@ -107,7 +107,7 @@ class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-Stop = str | Annotated[list[str], Field(max_length=MAX_STOP)] | None
+Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None
 
 
 class SamplingFields(RequestModel):

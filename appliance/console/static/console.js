@@ -718,6 +718,16 @@ async function refreshStatus() {
     note.textContent = `Metrics unavailable: ${e.message}`;
     note.hidden = false;
   }
+  try {
+    const today = new Date().toISOString().slice(0, 10);
+    const res = await api(`/v1/usage?since=${today}`, { prompt: false });
+    if (res.ok) {
+      const t = (await res.json()).totals;
+      $("st-usage").textContent = `${t.requests} requests · ${t.total_tokens} tokens`;
+    }
+  } catch {
+    // usage is optional in the panel: leave the last figure
+  }
   $("st-updated").textContent = new Date().toLocaleTimeString();
   document.body.dataset.statusLoaded = "1";
 }
