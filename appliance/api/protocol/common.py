@@ -51,13 +51,15 @@ def param_path(loc: tuple[Any, ...]) -> str:
     return out
 
 
+_LABELS = ("function-", "json-or-python", "constrained-")
+
+
 def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     """Drop pydantic's union-branch and validator labels ('str', 'list[str]', 'function-after[...]')."""
     return tuple(
         p
         for p in loc
-        if isinstance(p, int)
-        or not (p.startswith(("function-", "json-or-python", "constrained-")) or "[" in p or p in ("str", "int", "list", "dict"))
+        if isinstance(p, int) or not (p.startswith(_LABELS) or "[" in p or p in ("str", "int", "list", "dict"))
     )
 
 
