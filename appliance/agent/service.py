@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from appliance.agent.threads import THREAD_ID, ThreadStore, stored_id
-from appliance.backends.base import BackendState, BackendStatus
+from appliance.backends.base import BackendState, BackendStatus, NothingToLoad
 from appliance.config import Settings
 from appliance.engine.registry import ModelEntry
 from appliance.engine.types import EngineError, Error, Event, GenerateRequest, Token
@@ -182,30 +182,13 @@ class AgentService:
             self.busy.discard(key)
 
 
-class AgentBackend:
+class AgentBackend(NothingToLoad):
     """The agent as a backend of a registry entry (kind "agent")."""
 
     name = "agent"
-    pinned = False
-    can_load = False
 
     def __init__(self, service: AgentService, entry_id: str, model_id: str):
         self.service, self.entry_id, self.model_id = service, entry_id, model_id
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    async def load(self, keep_alive: float | None = None) -> None:
-        return None
-
-    async def unload(self, reason: str) -> None:
-        return None
-
-    async def stats(self, timeout: float = 1.0) -> dict[str, Any] | None:
-        return None
 
     @property
     def ready(self) -> bool:

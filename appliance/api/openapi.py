@@ -280,7 +280,6 @@ def _operation(path: str, method: str, op: Op) -> dict[str, Any]:
             err["headers"] = _ERROR_HEADERS[status]
         responses[str(status)] = err
     out: dict[str, Any] = {"operationId": op.id, "summary": op.summary, "responses": responses}
-    params = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in _PARAM.findall(path)]
     params = [
         {"name": n[0], "in": "path", "required": True, "schema": {"type": "string"}} for n in _PARAM.findall(path)
     ]

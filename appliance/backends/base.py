@@ -100,5 +100,28 @@ class Backend(Protocol):
         """The scheduler's figures (slots, KV cache); None where there are none."""
 
 
+class NothingToLoad:
+    """For backends with no model memory of their own (HTTP, agent, embeddings): load, unload and stats
+    do nothing, start and close too unless overridden."""
+
+    pinned = False
+    can_load = False
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def load(self, keep_alive: float | None = None) -> None:
+        return None
+
+    async def unload(self, reason: str) -> None:
+        return None
+
+    async def stats(self, timeout: float = 1.0) -> dict[str, Any] | None:
+        return None
+
+
 # model id, backend spec (one of appliance.config's *BackendSpec) -> a backend
 BackendFactory = Callable[[str, Any], Backend]

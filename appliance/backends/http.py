@@ -9,39 +9,22 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from appliance.backends.base import BackendState, BackendStatus
+from appliance.backends.base import BackendState, BackendStatus, NothingToLoad
 from appliance.engine.types import Error, Event, GenerateRequest
 
 
-class HTTPBackend:
+class HTTPBackend(NothingToLoad):
     name = "http"
-    can_load = False
 
     def __init__(self, model_id: str, spec: Any, settings: Any):
         self.model_id = model_id
         self.spec = spec
         self.settings = settings
-        self.pinned = False
         self._in_flight = 0
 
     @property
     def ready(self) -> bool:
         return True
-
-    async def start(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-    async def load(self, keep_alive: float | None = None) -> None:
-        return None
-
-    async def unload(self, reason: str) -> None:
-        return None
-
-    async def stats(self, timeout: float = 1.0) -> dict[str, Any] | None:
-        return None
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
         self._in_flight += 1

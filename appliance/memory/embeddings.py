@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from appliance.backends.base import BackendState, BackendStatus
+from appliance.backends.base import BackendState, BackendStatus, NothingToLoad
 from appliance.engine.types import EngineError, Error, Event, GenerateRequest
 from appliance.memory.embed_worker import EmbeddingProcess, EmbeddingWorkerDied
 
@@ -157,30 +157,16 @@ class EmbeddingService:
             self._model.close()
 
 
-class EmbeddingBackend:
+class EmbeddingBackend(NothingToLoad):
     """The embedding model's place in the registry (kind "embedding"): listed in /v1/models, no chat."""
 
     name = "sentence-transformers"
-    pinned = False
-    can_load = False  # it loads in the background (or on first use) and stays
 
     def __init__(self, service: EmbeddingService):
         self.service = service
 
     async def start(self) -> None:
         self.service.start()
-
-    async def close(self) -> None:
-        pass
-
-    async def load(self, keep_alive: float | None = None) -> None:
-        return None
-
-    async def unload(self, reason: str) -> None:
-        return None
-
-    async def stats(self, timeout: float = 1.0) -> dict[str, Any] | None:
-        return None
 
     @property
     def ready(self) -> bool:
