@@ -206,3 +206,62 @@ def settings(**overrides: Any) -> Settings:
     """Settings for fast tests: no .env, no environment surprises, the first model as default."""
     base: dict[str, Any] = {"default_model": "m", "retries": 1, "breaker_failures": 2, "breaker_cooldown": 30.0}
     return Settings(_env_file=None, **{**base, **overrides})  # type: ignore[call-arg]
+
+
+HELLO: list[Event] = [Token("Hel"), Token("lo"), Finish("stop", Usage(5, 2, 1))]
+
+
+class Scripted:
+    """A loadable llamacpp-like backend for create_app(): plays a script of events, or raises an EngineError
+    before the first one; counts unloads."""
+
+    name = "llamacpp"
+    pinned = False
+    can_load = True
+
+    def __init__(self, script: list[Event] | EngineError | None = None):
+        self.script = HELLO if script is None else script
+        self.seen: list[GenerateRequest] = []
+        self.unloaded = 0
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
+        self.seen.append(req)
+        if isinstance(self.script, EngineError):
+            raise self.script
+        for ev in self.script:
+            yield ev
+
+    def status(self) -> BackendStatus:
+        return BackendStatus("llamacpp", BackendState.READY, loaded=True, serviceable=True, path="embedded:smollm2")
+
+    async def load(self, keep_alive: float | None = None) -> None: ...
+
+    async def unload(self, reason: str) -> None:
+        self.unloaded += 1
+
+    async def stats(self, timeout: float = 1.0) -> dict[str, Any] | None:
+        return None
+
+
+class FakeEmbedder:
+    """One token per word, the same unit vector for every text."""
+
+    id, dimensions, ready, state, scheduled = "all-minilm-l6-v2", 3, True, "ready", False
+    error, load_seconds = None, 0.1
+
+    async def embed_with_usage(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        return [[1.0, 0.0, 0.0] for _ in texts], sum(len(t.split()) for t in texts)
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        return (await self.embed_with_usage(texts))[0]
+
+    async def wait_ready(self, timeout: float | None = None) -> None: ...
+    def start(self) -> None: ...
+    def close(self) -> None: ...

@@ -21,13 +21,12 @@ import httpx
 import pytest
 
 from appliance.app import create_app
-from appliance.backends.base import BackendState, BackendStatus
 from appliance.cli import main
 from appliance.config import ConfigError, Settings
-from appliance.engine.types import Event, Finish, GenerateRequest, Token, Usage
 from appliance.security.keys import KeyStore, derived_key_id, read_keys_file
 from appliance.security.limits import key_label
 from tests.conftest import REPO, Server, start_server
+from tests.fakes import FakeEmbedder, Scripted
 
 CHAT = {"model": "default", "messages": [{"role": "user", "content": "hi"}]}
 UNLOAD = {"model": "default", "prompt": "", "keep_alive": 0}
@@ -43,58 +42,6 @@ requests_per_minute = 5
 
 
 # -- fakes and helpers -------------------------------------------------------------------------------
-
-
-class Scripted:
-    """A loadable backend that answers every request with "Hello" (5 prompt and 2 completion tokens)."""
-
-    name = "llamacpp"
-    pinned = False
-    can_load = True
-
-    def __init__(self) -> None:
-        self.unloaded = 0
-        self.seen: list[GenerateRequest] = []
-
-    @property
-    def ready(self) -> bool:
-        return True
-
-    async def start(self) -> None: ...
-    async def close(self) -> None: ...
-
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
-        self.seen.append(req)
-        for ev in (Token("Hel"), Token("lo"), Finish("stop", Usage(5, 2))):
-            yield ev
-
-    def status(self) -> BackendStatus:
-        return BackendStatus("llamacpp", BackendState.READY, loaded=True, serviceable=True, path="embedded:smollm2")
-
-    async def load(self, keep_alive: float | None = None) -> None: ...
-
-    async def unload(self, reason: str) -> None:
-        self.unloaded += 1
-
-    async def stats(self, timeout: float = 1.0) -> dict[str, Any] | None:
-        return None
-
-
-class FakeEmbedder:
-    """One token per word, constant vectors."""
-
-    id, dimensions, ready, state, scheduled = "all-minilm-l6-v2", 3, True, "ready", False
-    error, load_seconds = None, 0.1
-
-    async def embed_with_usage(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        return [[1.0, 0.0, 0.0] for _ in texts], sum(len(t.split()) for t in texts)
-
-    async def embed(self, texts: list[str]) -> list[list[float]]:
-        return (await self.embed_with_usage(texts))[0]
-
-    async def wait_ready(self, timeout: float | None = None) -> None: ...
-    def start(self) -> None: ...
-    def close(self) -> None: ...
 
 
 def add_key(keys_file: Path, name: str, *args: str) -> str:

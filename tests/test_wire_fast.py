@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -19,61 +18,9 @@ import pytest
 from appliance.api.openapi import document
 from appliance.api.protocol.ollama import parse_keep_alive
 from appliance.app import create_app
-from appliance.backends.base import BackendState, BackendStatus
 from appliance.config import Settings
-from appliance.engine.types import EngineError, Error, Event, Finish, GenerateRequest, Token, Usage
-
-
-class Scripted:
-    """A backend that plays a script: events, or an EngineError before the first one."""
-
-    name = "llamacpp"
-    pinned = False
-    can_load = True
-
-    def __init__(self, script: list[Event] | EngineError):
-        self.script = script
-        self.seen: list[GenerateRequest] = []
-        self.unloaded = 0
-
-    @property
-    def ready(self) -> bool:
-        return True
-
-    async def start(self) -> None: ...
-    async def close(self) -> None: ...
-
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
-        self.seen.append(req)
-        if isinstance(self.script, EngineError):
-            raise self.script
-        for ev in self.script:
-            yield ev
-
-    def status(self) -> BackendStatus:
-        return BackendStatus("llamacpp", BackendState.READY, loaded=True, serviceable=True, path="embedded:smollm2")
-
-    async def load(self, keep_alive: float | None = None) -> None: ...
-
-    async def unload(self, reason: str) -> None:
-        self.unloaded += 1
-
-    async def stats(self, timeout: float = 1.0) -> dict[str, Any] | None:
-        return None
-
-
-class FakeEmbedder:
-    id, dimensions, ready, state, scheduled = "all-minilm-l6-v2", 3, True, "ready", False
-    error, load_seconds = None, 0.1
-
-    async def embed_with_usage(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        return [[1.0, 0.0, 0.0] for _ in texts], sum(len(t.split()) for t in texts)
-
-    def start(self) -> None: ...
-    def close(self) -> None: ...
-
-
-HELLO: list[Event] = [Token("Hel"), Token("lo"), Finish("stop", Usage(5, 2, 1))]
+from appliance.engine.types import EngineError, Error, Event, Token
+from tests.fakes import HELLO, FakeEmbedder, Scripted
 
 
 @contextlib.asynccontextmanager
