@@ -11,10 +11,39 @@ from typing import Literal
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 
+@dataclass(slots=True, frozen=True)
+class ToolCall:
+    """A complete call the model made: `arguments` is JSON text, as on OpenAI's wire."""
+
+    id: str
+    name: str
+    arguments: str
+
+
 @dataclass(slots=True)
 class Message:
     role: Role
     content: str
+    tool_calls: list[ToolCall] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # tool turns: which call this is the result of
+    name: str | None = None  # tool turns: the function's name (Ollama's `tool_name`)
+
+
+@dataclass(slots=True, frozen=True)
+class Tool:
+    """A function the model may call; `parameters` is a JSON schema for its arguments."""
+
+    name: str
+    description: str = ""
+    parameters: dict = field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+@dataclass(slots=True, frozen=True)
+class ToolChoice:
+    """`none`: never call; `auto`: call or answer; `required`: at least one call; `function`: call `name`."""
+
+    mode: Literal["none", "auto", "required", "function"] = "auto"
+    name: str | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -39,6 +68,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repeat_penalty: float = 1.0
     output: OutputFormat | None = None  # structured outputs: enforced by a grammar where the backend can
+    logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and its top k alternatives
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> bias added to its logit
 
 
 @dataclass(slots=True)
@@ -54,6 +85,9 @@ class GenerateRequest:
     thread_id: str | None = None  # the agent's conversation thread (X-Thread-Id)
     keep_alive: float | None = None  # seconds the model stays loaded after this request (Ollama's keep_alive)
     request_id: str = ""
+    tools: list[Tool] = field(default_factory=list)
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    parallel_tool_calls: bool = True
 
     @property
     def scope(self) -> str:
@@ -76,16 +110,36 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+@dataclass(slots=True, frozen=True)
+class TokenLogprob:
+    """One sampled token's log-probability and the `top` alternatives (token text, log-probability)."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
 @dataclass(slots=True)
 class Token:
     """A piece of generated text (may be several tokens' worth, or a held-back stop prefix released)."""
 
     text: str
+    logprobs: list[TokenLogprob] | None = None  # one per token in `text`, when the request asked for them
+
+
+@dataclass(slots=True)
+class ToolCallDelta:
+    """A fragment of tool call number `index`: the first carries `id` and `name`, later ones argument text."""
+
+    index: int
+    arguments: str = ""
+    id: str | None = None
+    name: str | None = None
 
 
 @dataclass(slots=True)
 class Finish:
-    reason: Literal["stop", "length"]
+    reason: Literal["stop", "length", "tool_calls"]
     usage: Usage
 
 
@@ -101,7 +155,7 @@ class Error:
     retry_after: float | None = None  # seconds, sent as Retry-After
 
 
-Event = Token | Finish | Error
+Event = Token | ToolCallDelta | Finish | Error
 
 
 class EngineError(Exception):
