@@ -176,6 +176,10 @@ async def test_usage_endpoint_and_restart(tmp_path: Path, two_keys: dict[str, st
         assert {r["key_name"] for r in everyone["data"]} == {"alice", "root"} and everyone["totals"]["requests"] == 6
         only = (await c.get("/v1/usage", params={"key": "alice"}, headers=admin)).json()
         assert only["totals"] == doc["totals"]
+        # `me` (the console's status panel): the caller's own, admins included
+        mine = (await c.get("/v1/usage", params={"key": "me"}, headers=admin)).json()
+        assert {r["key_name"] for r in mine["data"]} == {"root"} and mine["totals"]["requests"] == 1
+        assert (await c.get("/v1/usage", params={"key": "me"}, headers=user)).json()["totals"] == doc["totals"]
         later = (await c.get("/v1/usage", params={"since": "2999-01-01"}, headers=admin)).json()
         assert later["data"] == [] and later["since"] == "2999-01-01"
         r = await c.get("/v1/usage", params={"since": "yesterday"}, headers=admin)

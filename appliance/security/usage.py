@@ -290,13 +290,15 @@ class UsageMiddleware:
 
 async def usage_endpoint(request: Request) -> Response:
     """Usage per UTC day, key and model. A user key sees its own rows (`key` may only name itself); an admin
-    sees everyone's, or one key's with `?key=NAME|ID`. `?since=YYYY-MM-DD` starts at that day."""
+    sees everyone's, or one key's with `?key=NAME|ID`; `?key=me` is the caller's own, for any role. `?since=YYYY-MM-DD` starts at that day."""
     q = wire.UsageQuery.of(request.query_params)
     role = require_role(request, "admin", "user")
     store: UsageStore = request.app.state.usage
     key_id = None
-    if role != "admin":
-        principal = getattr(request.state, "principal", None)
+    principal = getattr(request.state, "principal", None)
+    if q.key == "me":  # the caller's own usage, whatever its role (the console's status panel)
+        key_id, q.key = principal, None
+    elif role != "admin":
         if q.key is not None and q.key not in (principal, getattr(request.state, "key_name", None)):
             raise client_error(403, "This API key may only read its own usage.", "forbidden", "key")
         key_id = principal

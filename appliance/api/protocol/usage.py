@@ -13,7 +13,7 @@ from appliance.api.protocol.threads import Query
 
 class UsageQuery(Query):
     since: str | None = Field(None, description="first UTC day to include, YYYY-MM-DD (default: all)")
-    key: str | None = Field(None, description="admins: only this key (its name or id)")
+    key: str | None = Field(None, description="only this key (name or id; users: only their own); me: the caller's own")
 
     @field_validator("since")
     @classmethod

@@ -720,7 +720,7 @@ async function refreshStatus() {
   }
   try {
     const today = new Date().toISOString().slice(0, 10);
-    const res = await api(`/v1/usage?since=${today}`, { prompt: false });
+    const res = await api(`/v1/usage?key=me&since=${today}`, { prompt: false });
     if (res.ok) {
       const t = (await res.json()).totals;
       $("st-usage").textContent = `${t.requests} requests · ${t.total_tokens} tokens`;
