@@ -23,8 +23,12 @@ class ResponseModel(BaseModel):
 
 
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on inputs per embeddings request, on both APIs
+# Stop strings, on both APIs alike: at most MAX_STOPS per request (OpenAI documents 4, Ollama none; 16 admits
+# the lists that clients build from model templates) of at most MAX_STOP_CHARS each.
+MAX_STOPS = 16
 MAX_STOP_CHARS = 256  # per stop string, on both APIs: the worker scans every stop string at every token
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+StopList = Annotated[list[StopString], Field(max_length=MAX_STOPS)]
 
 
 class OmitNone(ResponseModel):

@@ -10,16 +10,22 @@ import math
 import re
 import time
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
-from appliance.api.protocol.common import OmitNone, RequestModel, ResponseModel, StopString, client_error
+from appliance.api.protocol.common import (
+    OmitNone,
+    RequestModel,
+    ResponseModel,
+    StopList,
+    StopString,
+    client_error,
+)
 from appliance.engine import types as core
 from appliance.engine.router import Stream
 
 OLLAMA_COMPAT_VERSION = "0.12.0"  # Ollama clients and UIs gate features on this
-MAX_STOP = 16
 FOREVER = 10 * 365 * 86400.0  # keep_alive longer than this is "forever" (and keeps datetimes in range)
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -41,7 +47,7 @@ class Options(RequestModel):
     min_p: float | None = Field(None, ge=0, le=1)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     num_predict: int | None = Field(None, ge=-2, le=1 << 20, description="-1 or -2: no limit but the context")
-    stop: Annotated[list[StopString], Field(max_length=MAX_STOP)] | StopString | None = None
+    stop: StopList | StopString | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repeat_penalty: float | None = Field(None, gt=0, le=2)

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from appliance.api.protocol.common import OmitNone, RequestModel, ResponseModel, StopString
+from appliance.api.protocol.common import OmitNone, RequestModel, ResponseModel, StopList, StopString
 from appliance.engine.types import (
     Error,
     Event,
@@ -24,8 +24,6 @@ from appliance.engine.types import (
     Token,
     Usage,
 )
-
-MAX_STOP = 4  # OpenAI's own bound on stop sequences
 
 # -- errors ---------------------------------------------------------------------------------------
 
@@ -107,7 +105,7 @@ class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None
+Stop = StopString | StopList | None
 
 
 class SamplingFields(RequestModel):
