@@ -10,6 +10,7 @@ Each `generate()` call takes the next `Step` of the backend's script (then its `
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -18,7 +19,17 @@ from typing import Any
 from appliance.backends.base import Backend, BackendFactory, BackendState, BackendStatus
 from appliance.config import ModelsFile, ModelSpec, RemoteBackendSpec, Settings
 from appliance.engine.registry import Registry
-from appliance.engine.types import EngineError, Error, Event, Finish, GenerateRequest, Token, Usage
+from appliance.engine.types import (
+    Admitted,
+    EngineError,
+    Error,
+    Event,
+    Finish,
+    GenerateRequest,
+    Token,
+    ToolCallDelta,
+    Usage,
+)
 
 
 @dataclass
@@ -28,12 +39,25 @@ class Step:
     events: list[Event] = field(default_factory=list)
     error: EngineError | None = None
     delay: float = 0.0  # seconds before the first event (real time: keep it short)
+    gap: float = 0.0  # seconds between events
+    queued: float = 0.0  # a queueing backend: seconds in its queue before it yields Admitted
 
 
 def ok(text: str = "Hello", reason: str = "stop", prompt_tokens: int = 3) -> Step:
     words = text.split(" ")
     tokens = [Token(w if i == 0 else " " + w) for i, w in enumerate(words)]
     return Step([*tokens, Finish(reason, Usage(prompt_tokens, len(tokens)))])  # type: ignore[arg-type]
+
+
+def calls(*calls: tuple[str, dict[str, Any]], prompt_tokens: int = 3) -> Step:
+    """A reply that calls tools, streamed as a backend does: per call, a ToolCallDelta with its id and name,
+    then its JSON arguments in two pieces; then Finish("tool_calls")."""
+    events: list[Event] = []
+    for i, (name, args) in enumerate(calls):
+        text = json.dumps(args)
+        events.append(ToolCallDelta(i, id=f"call_scripted{i}", name=name))
+        events += [ToolCallDelta(i, text[:3]), ToolCallDelta(i, text[3:])]
+    return Step([*events, Finish("tool_calls", Usage(prompt_tokens, 4 * len(calls)))])
 
 
 def fail(
@@ -70,7 +94,7 @@ def mid_stream_error(text: str = "Hel") -> Step:
 
 def slow(seconds: float, then: Step | None = None) -> Step:
     s = then or ok()
-    return Step(s.events, s.error, seconds)
+    return Step(s.events, s.error, seconds, s.gap)
 
 
 class ScriptedBackend:
@@ -85,12 +109,14 @@ class ScriptedBackend:
         can_load: bool = False,
         state: BackendState = BackendState.READY,
         stats: dict[str, Any] | None = None,
+        queues: bool = False,
     ):
         self.name = name
         self.kind = kind or name
         self.script: deque[Step] = deque(script)
         self.default = default or ok()
         self.can_load = can_load
+        self.queues = queues
         self.pinned = False
         self.state = state
         self._stats = stats
@@ -116,16 +142,21 @@ class ScriptedBackend:
         self.closed = True
         self.state = BackendState.STOPPED
 
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[Event | Admitted]:
         self.calls.append(req)
         step = self.script.popleft() if self.script else self.default
+        if self.queues:
+            await asyncio.sleep(step.queued)
+            yield Admitted()
         if step.error is not None:
             raise step.error
         self.in_flight += 1
         try:
             if step.delay:
                 await asyncio.sleep(step.delay)
-            for ev in step.events:
+            for i, ev in enumerate(step.events):
+                if step.gap and i:
+                    await asyncio.sleep(step.gap)
                 yield ev
         finally:
             self.in_flight -= 1
@@ -218,6 +249,7 @@ class Scripted:
     name = "llamacpp"
     pinned = False
     can_load = True
+    queues = False
 
     def __init__(self, script: list[Event] | EngineError | None = None):
         self.script = HELLO if script is None else script

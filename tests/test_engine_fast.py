@@ -15,6 +15,7 @@ from appliance.engine.types import EngineError, Error, Finish, GenerateRequest, 
 from tests.fakes import (
     FakeClock,
     ScriptedBackend,
+    Step,
     bad_request,
     crash,
     fail,
@@ -107,6 +108,33 @@ async def test_no_silent_switch_once_the_stream_has_started() -> None:
 async def test_no_first_token_in_time_falls_back_with_504() -> None:
     a, b = ScriptedBackend("a", [slow(5.0)]), ScriptedBackend("b")
     engine, _, hooks = make(a, b, first_token_timeout=0.02)
+    backend, _, _ = await collect(engine)
+    assert backend == "b" and hooks.fallbacks == [("a", "first_token_timeout")]
+    assert engine.breaker(a).failures == 1
+
+
+async def test_time_queued_behind_others_is_not_a_slow_first_token() -> None:
+    """Waiting for a slot (other clients' work) never reads as a broken backend: the first-token clock
+    starts at admission, so a long queue neither falls back nor trips the breaker everyone shares."""
+    a = ScriptedBackend("a", [Step(ok().events, queued=0.1, delay=0.01)], queues=True)
+    engine, _, hooks = make(a, ScriptedBackend("b"), first_token_timeout=0.05)
+    backend, text, _ = await collect(engine)
+    assert (backend, text, hooks.fallbacks, engine.breaker(a).failures) == ("a", "Hello", [], 0)
+
+
+async def test_a_deadline_spent_in_the_queue_is_busy_not_broken() -> None:
+    a = ScriptedBackend("a", [Step(ok().events, queued=5.0)], queues=True)
+    engine, _, _ = make(a, first_token_timeout=0.05, request_deadline=0.1)
+    with pytest.raises(EngineError) as e:
+        await collect(engine)
+    assert (e.value.error.status, e.value.error.code) == (503, "queue_timeout") and e.value.error.retry_after
+    assert engine.breaker(a).failures == 0
+
+
+async def test_after_admission_a_slow_first_token_still_falls_back_with_504() -> None:
+    a = ScriptedBackend("a", [Step(ok().events, queued=0.01, delay=5.0)], queues=True)
+    b = ScriptedBackend("b")
+    engine, _, hooks = make(a, b, first_token_timeout=0.05)
     backend, _, _ = await collect(engine)
     assert backend == "b" and hooks.fallbacks == [("a", "first_token_timeout")]
     assert engine.breaker(a).failures == 1

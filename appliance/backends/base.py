@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
-from appliance.engine.types import Event, GenerateRequest
+from appliance.engine.types import Admitted, Event, GenerateRequest
 
 
 class BackendState(StrEnum):
@@ -77,6 +77,7 @@ class Backend(Protocol):
     name: str  # e.g. "llamacpp", shown in X-Appliance-Backend
     pinned: bool  # the default model's backends: never unloaded for idleness
     can_load: bool  # load()/unload() do something (llamacpp); HTTP backends: False
+    queues: bool  # generate() waits for a slot first, then yields engine.types.Admitted before any event
 
     @property
     def ready(self) -> bool: ...
@@ -86,7 +87,7 @@ class Backend(Protocol):
 
     async def close(self) -> None: ...
 
-    def generate(self, req: GenerateRequest) -> AsyncIterator[Event]: ...
+    def generate(self, req: GenerateRequest) -> AsyncIterator[Event | Admitted]: ...
 
     def status(self) -> BackendStatus: ...
 
@@ -106,6 +107,7 @@ class NothingToLoad:
 
     pinned = False
     can_load = False
+    queues = False
 
     async def start(self) -> None:
         return None

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from appliance.config import Settings
 from appliance.engine.registry import ModelEntry, Registry
-from appliance.engine.types import EngineError, Error, Event, Finish, GenerateRequest, Token
+from appliance.engine.types import Admitted, EngineError, Error, Event, Finish, GenerateRequest, Token, ToolCallDelta
 
 # Errors that say "this backend cannot serve now" (fall back) rather than "this request is wrong".
 _TRANSIENT_CODES = {
@@ -108,7 +108,7 @@ class Stream:
 
     def _observe(self, ev: Event) -> Event:
         now = time.monotonic()
-        if self.ttft is None and isinstance(ev, Token | Finish):
+        if self.ttft is None and isinstance(ev, Token | ToolCallDelta | Finish):
             self.ttft = now - self.started
             self.hooks.on_first_token(self.model.id, self.backend, self.ttft)
         if isinstance(ev, Finish):
@@ -186,7 +186,7 @@ class Engine:
                     break
                 started = time.monotonic()
                 try:
-                    first, it = await self._first_event(backend, req, min(left, s.first_token_timeout))
+                    first, it = await self._first_event(backend, req, left)
                 except TimeoutError:
                     breaker.failure()
                     last = Error(
@@ -218,10 +218,31 @@ class Engine:
         self.hooks.on_reject(entry.id, err.code or "error")
         raise EngineError(err)
 
-    async def _first_event(self, backend, req: GenerateRequest, timeout: float) -> tuple[Event, AsyncIterator[Event]]:
+    async def _first_event(self, backend, req: GenerateRequest, left: float) -> tuple[Event, AsyncIterator[Event]]:
+        """The backend's first event within `first_token_timeout`, counted from admission for a queueing
+        backend (see engine.types.Admitted): the queue wait is bounded by `left` and the backend's own
+        queue_timeout, and running out of `left` while queued is "busy" (503), never a breaker failure."""
         it = backend.generate(req)
+        ftt = self.settings.first_token_timeout
         try:
-            first = await asyncio.wait_for(anext(it), timeout)
+            if backend.queues:
+                end = self.clock() + left
+                try:
+                    admitted = await asyncio.wait_for(anext(it), left)
+                except TimeoutError:
+                    raise EngineError(
+                        Error(
+                            503,
+                            f"The model '{req.model}' is busy: the request's deadline passed while it waited "
+                            "for a slot.",
+                            "server_error",
+                            "queue_timeout",
+                            retry_after=1.0,
+                        )
+                    ) from None
+                assert isinstance(admitted, Admitted), admitted
+                left = end - self.clock()
+            first = await asyncio.wait_for(anext(it), min(left, ftt))
         except StopAsyncIteration:
             raise EngineError.of(
                 502, f"Backend {backend.name} returned no output.", "server_error", "upstream_error"

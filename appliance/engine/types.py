@@ -137,6 +137,16 @@ class ToolCallDelta:
     name: str | None = None
 
 
+def assemble_tool_calls(deltas: list[ToolCallDelta]) -> list[ToolCall]:
+    """One generation's ToolCallDeltas as complete calls, in index order (ids and names from the first
+    fragment of each index, arguments the concatenation of its pieces)."""
+    calls: dict[int, list[str]] = {}
+    for d in deltas:
+        c = calls.setdefault(d.index, ["", "", ""])
+        c[0], c[1], c[2] = d.id or c[0], d.name or c[1], c[2] + d.arguments
+    return [ToolCall(i, n, a) for _, (i, n, a) in sorted(calls.items())]
+
+
 @dataclass(slots=True)
 class Finish:
     reason: Literal["stop", "length", "tool_calls"]
@@ -156,6 +166,17 @@ class Error:
 
 
 Event = Token | ToolCallDelta | Finish | Error
+
+
+@dataclass(slots=True, frozen=True)
+class Admitted:
+    """A queueing backend's first item: this request left the queue and holds a slot now.
+
+    The router starts the first-token clock here, so time spent waiting behind other clients' requests
+    (bounded by the backend's own `queue_timeout`, answered "busy") never reads as a broken backend and
+    never opens its circuit for everyone. The router consumes it; adapters never see it.
+    """
+
 
 
 class EngineError(Exception):

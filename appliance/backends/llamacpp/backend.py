@@ -25,7 +25,7 @@ from appliance.backends.llamacpp.protocol import Cancel, Events, Failed, Finishe
 from appliance.backends.llamacpp.residency import Residency
 from appliance.backends.llamacpp.supervisor import Supervisor
 from appliance.config import LlamaCppBackendSpec, Settings
-from appliance.engine.types import EngineError, Error, Event, Finish, GenerateRequest, Token
+from appliance.engine.types import Admitted, EngineError, Error, Event, Finish, GenerateRequest, Token
 
 _DETAILS = ("architecture", "parameters", "size", "name", "file_type", "n_ctx_train")
 
@@ -33,6 +33,7 @@ _DETAILS = ("architecture", "parameters", "size", "name", "file_type", "n_ctx_tr
 class LlamaCppBackend:
     name = "llamacpp"
     can_load = True
+    queues = True
 
     def __init__(
         self, model_id: str, spec: LlamaCppBackendSpec, settings: Settings, residency: Residency | None = None
@@ -146,8 +147,9 @@ class LlamaCppBackend:
             self.residency.touched(self)
 
     # -- serving ------------------------------------------------------------------------------------
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[Event | Admitted]:
         async with self.admission.slot():
+            yield Admitted()  # the router's first-token clock starts now, not while queued
             try:
                 await self.supervisor.wait_ready(self.settings.worker_start_timeout)
                 async with contextlib.aclosing(self._run(req)) as events:  # closed now: the cancel goes at once
