@@ -13,7 +13,7 @@ from appliance.backends.llamacpp.backend import LlamaCppBackend
 from appliance.backends.llamacpp.protocol import Cancel, Events, Finished, FirstToken, GenRequest, Started, Text
 from appliance.backends.llamacpp.residency import Residency
 from appliance.config import LlamaCppBackendSpec
-from appliance.engine.types import EngineError, Error, Finish, GenerateRequest, Message, Token, Usage
+from appliance.engine.types import Admitted, EngineError, Error, Finish, GenerateRequest, Message, Token, Usage
 from tests.fakes import settings
 
 # -- admission -----------------------------------------------------------------------------------------
@@ -156,7 +156,10 @@ def chat(text: str, request_id: str = "same-id") -> GenerateRequest:
 
 
 async def drain(it) -> list:
-    return [ev async for ev in it]
+    """The events after Admitted, which a llama.cpp backend yields first (when it gets a slot)."""
+    events = [ev async for ev in it]
+    assert events[0] == Admitted(), events[:1]
+    return events[1:]
 
 
 async def test_two_generations_with_the_same_request_id_each_get_their_own_events() -> None:
@@ -179,6 +182,7 @@ async def test_two_generations_with_the_same_request_id_each_get_their_own_event
 async def test_a_closed_stream_cancels_only_its_own_generation() -> None:
     b, sup = backend()
     it = b.generate(chat("one"))
+    assert await anext(it) == Admitted()
     task = asyncio.create_task(anext(it))
     while not sup.sent:
         await asyncio.sleep(0)
@@ -205,7 +209,12 @@ async def test_status_is_typed_and_keep_alive_shows_as_expires_in() -> None:
     await drain_one(b, keep_alive=60)
     st = b.status()
     assert st.kind == "llamacpp" and st.state is BackendState.READY and st.loaded and st.serviceable
-    assert st.pid == 4242 and st.context_length == 512 and st.slots == 4 and st.memory_bytes == 123
+    assert (
+        st.pid == 4242
+        and st.context_length == 512
+        and st.slots == b.parallel == settings().parallel
+        and st.memory_bytes == 123
+    )
     assert st.expires_in is not None and 59 <= st.expires_in <= 60
     d = st.as_dict()
     assert d["state"] == "ready" and d["type"] == "llamacpp" and d["in_flight"] == 0

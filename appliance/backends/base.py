@@ -101,6 +101,15 @@ class Backend(Protocol):
         """The scheduler's figures (slots, KV cache); None where there are none."""
 
 
+@runtime_checkable
+class Tokenizes(Protocol):
+    """A backend that tokenizes with its model's own vocabulary (llama.cpp): /tokenize and /detokenize."""
+
+    async def tokenize(self, text: str, add_special: bool = False) -> list[int]: ...
+
+    async def detokenize(self, tokens: list[int]) -> str: ...
+
+
 class NothingToLoad:
     """For backends with no model memory of their own (HTTP, agent, embeddings): load, unload and stats
     do nothing, start and close too unless overridden."""

@@ -69,6 +69,23 @@ class Registry:
         for name in (entry.id, *entry.aliases):
             self._names[name] = entry
 
+    def register(self, spec: ModelSpec) -> ModelEntry:
+        """Serve a models-file entry added while running (Ollama's /api/pull, /api/copy); its names must be
+        free (ConfigError otherwise)."""
+        entry = ModelEntry(spec.id, list(spec.aliases), spec, [self._make(spec.id, b) for b in spec.backends])
+        self.add(entry)
+        return entry
+
+    def remove(self, model_id: str) -> ModelEntry:
+        """Stop serving an entry of the models file (Ollama's /api/delete); the caller closes its backends."""
+        entry = self.get(model_id)
+        if entry is self.default or entry.spec is None:
+            raise EngineError.of(400, f"'{entry.id}' cannot be removed while running", param="model")
+        del self.entries[entry.id]
+        for name in (entry.id, *entry.aliases):
+            self._names.pop(name, None)
+        return entry
+
     def get(self, name: str) -> ModelEntry:
         entry = self._names.get(name)
         if entry is None:

@@ -178,7 +178,6 @@ class Admitted:
     """
 
 
-
 class EngineError(Exception):
     """Raised before a stream starts; carries the Error to render."""
 

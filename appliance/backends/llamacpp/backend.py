@@ -21,13 +21,23 @@ from typing import Any
 
 from appliance.backends.base import BackendState, BackendStatus
 from appliance.backends.llamacpp.admission import Admission
-from appliance.backends.llamacpp.protocol import Cancel, Events, Failed, Finished, GenRequest, Text
+from appliance.backends.llamacpp.protocol import (
+    Cancel,
+    Events,
+    Failed,
+    Finished,
+    GenRequest,
+    Text,
+    TokenizeRequest,
+    TokenizeResult,
+)
 from appliance.backends.llamacpp.residency import Residency
 from appliance.backends.llamacpp.supervisor import Supervisor
+from appliance.backends.llamacpp.tool_calls import tool_parser
 from appliance.config import LlamaCppBackendSpec, Settings
 from appliance.engine.types import Admitted, EngineError, Error, Event, Finish, GenerateRequest, Token
 
-_DETAILS = ("architecture", "parameters", "size", "name", "file_type", "n_ctx_train")
+_DETAILS = ("architecture", "parameters", "size", "name", "file_type", "n_ctx_train", "tool_format")
 
 
 class LlamaCppBackend:
@@ -168,7 +178,11 @@ class LlamaCppBackend:
             prompt=req.prompt,
             params=req.params,
             default_max_tokens=self.settings.default_max_tokens,
+            tools=list(req.tools),
+            tool_choice=req.tool_choice,
+            parallel_tool_calls=req.parallel_tool_calls,
         )
+        parser = tool_parser(req, self.supervisor.info.get("tool_format", "generic"))
         sent = self.supervisor.send(msg)
         pid = self.supervisor.pid
         done = False
@@ -180,10 +194,15 @@ class LlamaCppBackend:
             while True:
                 ev = await q.get()
                 if isinstance(ev, Text):
-                    yield Token(ev.text)
+                    lps = list(ev.logprobs) if ev.logprobs is not None else None
+                    for out in [Token(ev.text, lps)] if parser is None else parser.feed(ev.text):
+                        yield out
                 elif isinstance(ev, Finished):
                     done = True
-                    yield Finish(ev.reason, ev.usage)
+                    for out in parser.close() if parser is not None else []:
+                        yield out
+                    called = parser is not None and parser.calls > 0 and ev.reason == "stop"
+                    yield Finish("tool_calls" if called else ev.reason, ev.usage)
                     return
                 elif isinstance(ev, Failed):
                     done = True
@@ -197,6 +216,21 @@ class LlamaCppBackend:
             self._streams.pop(gen_id, None)
             if sent and not done and self.supervisor.pid == pid:
                 self.supervisor.send(Cancel(gen_id))
+
+    # -- tokenizer (/tokenize, /detokenize) ----------------------------------------------------------
+    async def _tokenizer(self, msg: TokenizeRequest) -> TokenizeResult:
+        await self.supervisor.wait_ready(self.settings.worker_start_timeout)  # loads the model if need be
+        res = await self.supervisor.tokenize(msg)
+        if res.error is not None:
+            raise EngineError.of(400, res.error, code="invalid_value", param="tokens")
+        return res
+
+    async def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        res = await self._tokenizer(TokenizeRequest(uuid.uuid4().hex, text=text, add_special=add_special))
+        return list(res.tokens or [])
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        return (await self._tokenizer(TokenizeRequest(uuid.uuid4().hex, tokens=list(tokens)))).text or ""
 
     # -- supervisor callbacks (event loop thread) ---------------------------------------------------
     def _on_events(self, msg: Events) -> None:

@@ -59,14 +59,19 @@ class ChatFormatter:
     def has_template(self) -> bool:
         return self._jinja is not None
 
-    def __call__(self, messages: list[dict[str, str]]) -> Formatted:
+    def render(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> str:
+        """The template's prompt for `messages` (and `tools`, for templates that render them)."""
+        return self._jinja(messages=messages, tools=tools).prompt
+
+    def __call__(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> Formatted:
+        """`tools` (OpenAI's shape) reach templates that render them; messages may carry `tool_calls`,
+        `tool_call_id` and `name` (tool_calls.template_messages). Those and the tools are rendered as markup:
+        the caller must check them for control-token text (`tool_calls.markup_texts`)."""
         if self._jinja is not None:
-            msgs = [
-                {"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]} for m in messages
-            ]
-            r = self._jinja(messages=msgs)
+            msgs = [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages]
+            r = self._jinja(messages=msgs, tools=tools)
             stops = [s for s in (r.stop if isinstance(r.stop, list) else [r.stop] if r.stop else [])]
-            return Formatted(r.prompt, stops, self._split(msgs, r.prompt), [m["content"] for m in msgs])
+            return Formatted(r.prompt, stops, self._split(msgs, r.prompt, tools), [m["content"] for m in msgs])
         parts: list[tuple[str, bool]] = []
         for i, m in enumerate(messages):
             role = {"system": "System", "developer": "System", "assistant": "Assistant", "tool": "Tool"}.get(
@@ -78,7 +83,9 @@ class ChatFormatter:
         contents = [m["content"] for m in messages]
         return Formatted("".join(t for t, _ in parts), list(_FALLBACK_STOPS), parts, contents)
 
-    def _split(self, msgs: list[dict[str, str]], prompt: str) -> list[tuple[str, bool]] | None:
+    def _split(
+        self, msgs: list[dict[str, Any]], prompt: str, tools: list[dict] | None = None
+    ) -> list[tuple[str, bool]] | None:
         """Markup and content pieces of `prompt`, found by rendering with sentinels; None if not verbatim."""
         nonce = secrets.token_hex(12)
         cores: list[str] = []
@@ -89,9 +96,10 @@ class ChatFormatter:
             lead = content[: len(content) - len(content.lstrip(_WS))]
             trail = content[len(content.rstrip(_WS)) :] if core else ""
             cores.append(core)
-            sentinel_msgs.append({**m, "content": f"{lead}sntl{nonce}m{i}e{trail}"})
+            # Empty content stays empty (templates branch on it, e.g. an assistant turn that only calls tools).
+            sentinel_msgs.append({**m, "content": f"{lead}sntl{nonce}m{i}e{trail}" if content else ""})
         try:
-            rendered = self._jinja(messages=sentinel_msgs).prompt
+            rendered = self._jinja(messages=sentinel_msgs, tools=tools).prompt
         except Exception:
             return None
         parts: list[tuple[str, bool]] = []

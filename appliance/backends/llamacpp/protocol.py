@@ -2,8 +2,8 @@
 
 Every message is a small picklable dataclass sent whole over a `multiprocessing` pipe.
 
-  API → worker:  GenRequest | Cancel | StatsRequest | Stop
-  worker → API:  Ready (once loaded) | Fatal (could not load; the worker exits) | Events | Stats
+  API → worker:  GenRequest | Cancel | StatsRequest | Stop | TokenizeRequest
+  worker → API:  Ready (once loaded) | Fatal (could not load; the worker exits) | Events | Stats | TokenizeResult
 
 `Events` carries a list of per-generation events, in order per generation:
   Started (admitted into a slot) → FirstToken → Text* → Finished | Failed
@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from appliance.engine.types import Error, Message, SamplingParams, Usage
+from appliance.engine.types import Error, Message, SamplingParams, TokenLogprob, Tool, ToolChoice, Usage
 
 # -- API process → worker -------------------------------------------------------------------------
 
@@ -37,6 +37,9 @@ class GenRequest:
     params: SamplingParams
     default_max_tokens: int  # the cap when params.max_tokens is None (bounded by the context)
     require_template: bool = False  # chat on a model without a template: 400 rather than a plain transcript
+    tools: list[Tool] = field(default_factory=list)  # tool_calls.py renders them, grammar.py constrains calls
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    parallel_tool_calls: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +57,18 @@ class Stop:
     pass
 
 
-ToWorker = GenRequest | Cancel | StatsRequest | Stop
+@dataclass(frozen=True, slots=True)
+class TokenizeRequest:
+    """/tokenize and /detokenize: `text` to token ids (`add_special`: BOS as a prompt gets it), or `tokens`
+    to text. Answered by one `TokenizeResult` with the same `id`, between generation steps."""
+
+    id: str
+    text: str | None = None
+    tokens: list[int] | None = None
+    add_special: bool = False
+
+
+ToWorker = GenRequest | Cancel | StatsRequest | Stop | TokenizeRequest
 
 # -- worker → API process: per-generation events ---------------------------------------------------
 
@@ -76,6 +90,7 @@ class FirstToken:
 class Text:
     id: str
     text: str
+    logprobs: tuple[TokenLogprob, ...] | None = None  # the tokens this text completes, when the request asked
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,4 +131,12 @@ class Stats:
     stats: dict[str, int]
 
 
-FromWorker = Ready | Fatal | Events | Stats
+@dataclass(frozen=True, slots=True)
+class TokenizeResult:
+    id: str
+    tokens: list[int] | None = None
+    text: str | None = None
+    error: str | None = None  # e.g. a token id outside the vocabulary
+
+
+FromWorker = Ready | Fatal | Events | Stats | TokenizeResult

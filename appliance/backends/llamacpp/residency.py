@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from pathlib import Path
 from typing import Protocol
 
 import psutil
@@ -19,6 +20,36 @@ import psutil
 from appliance.config import Settings
 
 log = logging.getLogger("appliance.residency")
+
+# Bytes per KV element, by cache type (q8_0: 34 bytes per block of 32; q4_0: 18 per 32).
+_KV_ELEMENT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+
+def kv_cache_bytes(path: Path | None, context_size: int, slots: int, kv_type: str) -> int:
+    """The KV cache llama.cpp will allocate for `slots` x `context_size` tokens, from the GGUF header
+    (0 if the header lacks what it takes). Sliding-window layers are counted as full ones: an upper bound."""
+    from appliance.gguf_meta import GGUFError, read_info
+
+    try:
+        info = read_info(path) if path is not None else None
+    except (OSError, GGUFError):
+        return 0
+    if info is None:
+        return 0
+    m, a = info.metadata, info.architecture
+    n_layer, n_embd, n_head = (
+        m.get(f"{a}.block_count"),
+        m.get(f"{a}.embedding_length"),
+        m.get(f"{a}.attention.head_count"),
+    )
+    if not (isinstance(n_layer, int) and isinstance(n_embd, int) and isinstance(n_head, int) and n_head > 0):
+        return 0
+    n_head_kv = m.get(f"{a}.attention.head_count_kv", n_head)
+    n_head_kv = n_head_kv if isinstance(n_head_kv, int) else n_head
+    k_len = m.get(f"{a}.attention.key_length", n_embd // n_head)
+    v_len = m.get(f"{a}.attention.value_length", n_embd // n_head)
+    n_ctx = min(context_size, info.context_length or context_size) * slots
+    return int(n_layer * n_ctx * n_head_kv * (k_len + v_len) * _KV_ELEMENT.get(kv_type, 2.0))
 
 
 class Resident(Protocol):

@@ -27,7 +27,19 @@ import psutil
 
 from appliance.backends.base import BackendState
 from appliance.backends.llamacpp import worker as worker_mod
-from appliance.backends.llamacpp.protocol import Events, Fatal, FromWorker, Ready, Stats, StatsRequest, Stop, ToWorker
+from appliance.backends.llamacpp.protocol import (
+    Events,
+    Fatal,
+    FromWorker,
+    Ready,
+    Stats,
+    StatsRequest,
+    Stop,
+    TokenizeRequest,
+    TokenizeResult,
+    ToWorker,
+)
+from appliance.backends.llamacpp.residency import kv_cache_bytes
 from appliance.catalog import ModelFileError, resolve_model_path
 from appliance.config import LlamaCppBackendSpec, Settings
 from appliance.engine.types import EngineError, Error
@@ -114,6 +126,7 @@ class Supervisor:
         self._worker: WorkerProcess | None = None
         self._changed = asyncio.Event()  # replaced after each set: waiters see every change
         self._stats_waiters: list[asyncio.Future] = []
+        self._tokenize_waiters: dict[str, asyncio.Future] = {}  # TokenizeRequest id -> its result
         self._crashes: list[float] = []
         self._failed_at = 0.0
         self._closing = False
@@ -142,11 +155,14 @@ class Supervisor:
         return self.estimate()
 
     def estimate(self) -> int:
-        """What loading this model will take: what it took last time, else 1.5x the file plus KV room."""
+        """What loading this model will take: what it took last time, else the file, its KV cache (all slots;
+        llama.cpp allocates and clears it at load) and some room for compute buffers."""
         if self._rss_seen:
             return self._rss_seen
         size = self.path.stat().st_size if self.path and self.path.exists() else 0
-        return int(size * 1.5) + (64 << 20)
+        w = self._worker_spec() if self.path else {}
+        kv = kv_cache_bytes(self.path, w.get("context_size", 0), self.parallel, w.get("kv_cache_type", "f16"))
+        return int(size * 1.1) + kv + (64 << 20) if kv else int(size * 1.5) + (64 << 20)
 
     # -- transitions --------------------------------------------------------------------------------
     def _set(self, state: BackendState) -> None:
@@ -190,7 +206,10 @@ class Supervisor:
             "parallel": self.parallel,
             "batch_size": spec.batch_size or s.batch_size,
             "ubatch_size": spec.ubatch_size or s.ubatch_size,
+            "batch_invariant": s.batch_invariant if spec.batch_invariant is None else spec.batch_invariant,
+            "kv_cache_type": spec.kv_cache_type or s.kv_cache_type,
             "chat_template": spec.chat_template,
+            "tool_format": spec.tool_format,
             "stream_interval": s.stream_interval,
             "verbose": s.log_level == "debug",
         }
@@ -246,6 +265,10 @@ class Supervisor:
         elif isinstance(msg, Fatal):
             self._worker = None
             self._fail(msg.message)
+        elif isinstance(msg, TokenizeResult):
+            fut = self._tokenize_waiters.pop(msg.id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
         elif isinstance(msg, Stats):
             waiters, self._stats_waiters = self._stats_waiters, []
             for f in waiters:
@@ -314,3 +337,17 @@ class Supervisor:
             return await asyncio.wait_for(f, timeout)
         except TimeoutError:
             return None
+
+    async def tokenize(self, msg: TokenizeRequest, timeout: float = 30.0) -> TokenizeResult:
+        """Send a TokenizeRequest to the ready worker and wait for its answer; 503 if it cannot answer."""
+        fut = asyncio.get_running_loop().create_future()
+        self._tokenize_waiters[msg.id] = fut
+        try:
+            if not self.send(msg):
+                raise EngineError.of(503, "The model worker is not running.", "server_error", "worker_unavailable")
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            err = EngineError.of(503, "The model worker did not answer in time.", "server_error", "worker_busy")
+            raise err from None
+        finally:
+            self._tokenize_waiters.pop(msg.id, None)

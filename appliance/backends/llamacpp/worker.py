@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import signal
 import struct
-import time
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
-from appliance.backends.llamacpp.chat_format import Formatted
+from appliance.backends.llamacpp.chat_tokens import ChatTokenizer
+from appliance.backends.llamacpp.chat_tokens import Reject as _Reject
+from appliance.backends.llamacpp.outbox import Outbox, merge_text  # noqa: F401 (tests import them from here)
 from appliance.backends.llamacpp.protocol import (
     Cancel,
     Events,
@@ -33,10 +33,11 @@ from appliance.backends.llamacpp.protocol import (
     Stats,
     StatsRequest,
     Stop,
-    Text,
+    TokenizeRequest,
+    TokenizeResult,
     ToWorker,
-    WorkerEvent,
 )
+from appliance.backends.llamacpp.tool_calls import chat_input, detect_format, markup_texts
 from appliance.engine.types import Error
 
 GGUF_MAGIC = b"GGUF"
@@ -54,6 +55,28 @@ def check_gguf(path: str) -> None:
     version = struct.unpack("<I", head[4:8])[0]
     if version not in (2, 3):
         raise ValueError(f"{path}: unsupported GGUF version {version}")
+
+
+# KV cache element types (ggml_type) by the name the models file and settings use.
+KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}
+INVARIANT_UBATCH = 48  # llama.cpp computes passes of 64+ tokens with other kernels (see compute_passes)
+
+
+def compute_passes(n_batch: int, ubatch: int | None, invariant: bool) -> tuple[int, int]:
+    """Tokens per compute pass (n_ubatch), and prompt tokens per step while other requests decode.
+
+    llama.cpp computes passes of 64 tokens or more with other kernels than smaller ones, so a prompt gives
+    (slightly) different logits depending on how it was cut into passes: computed in one 512-token pass,
+    from a cache, or token by token. Batch-invariant mode keeps every pass under 64 tokens (48), so outputs
+    do not depend on batching, caching or other requests, for ~20% slower prompt processing. By default
+    prompts are computed in passes of the whole batch (512), as llama-server does; while other requests
+    decode, a newcomer's prompt goes in 128-token pieces so their tokens keep flowing.
+    """
+    if invariant:
+        n_ubatch = min(n_batch, ubatch or INVARIANT_UBATCH, 63)
+        return n_ubatch, n_ubatch
+    n_ubatch = min(n_batch, ubatch or n_batch)
+    return n_ubatch, min(n_ubatch, 128)
 
 
 def main(conn: Connection, spec: dict[str, Any]) -> None:
@@ -89,10 +112,7 @@ class _Worker:
         n_slots = spec.get("parallel", 4)
         n_ctx_slot = min(spec.get("context_size", 8192), n_train) if n_train > 0 else spec["context_size"]
         n_batch = spec.get("batch_size", 512)
-        # llama.cpp computes batches of 64+ tokens with other kernels than smaller ones, so the same prompt
-        # gives (slightly) different logits depending on how it was chunked. Compute passes under 64 tokens
-        # make outputs independent of batching and caching, for ~20% slower prompt processing.
-        n_ubatch = min(n_batch, spec.get("ubatch_size", 48))
+        n_ubatch, prefill_chunk = compute_passes(n_batch, spec.get("ubatch_size"), bool(spec.get("batch_invariant")))
 
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx_slot * n_slots
@@ -103,10 +123,15 @@ class _Worker:
         cparams.n_threads = spec.get("threads", os.cpu_count() or 1)
         cparams.n_threads_batch = cparams.n_threads
         cparams.no_perf = True
+        kv_type = spec.get("kv_cache_type") or "f16"
+        cparams.type_k = cparams.type_v = KV_TYPES[kv_type]  # a quantized V cache turns flash attention on
         self.ctx = llama_cpp.llama_init_from_model(self.model.model, cparams)
         if not self.ctx:
-            raise ValueError(f"{path}: failed to create a llama.cpp context of {cparams.n_ctx} tokens")
-        self.sched = Scheduler(self.model, self.ctx, SlotConfig(n_slots, n_ctx_slot, n_batch, prefill_chunk=n_ubatch))
+            raise ValueError(
+                f"{path}: failed to create a llama.cpp context of {cparams.n_ctx} tokens with a {kv_type} KV cache"
+            )
+        cfg = SlotConfig(n_slots, n_ctx_slot, n_batch, prefill_chunk=prefill_chunk)
+        self.sched = Scheduler(self.model, self.ctx, cfg)
 
         meta = self.model.metadata()
         template = spec.get("chat_template") or meta.get("tokenizer.chat_template")
@@ -114,6 +139,7 @@ class _Worker:
         self.bos_text = self.model.token_get_text(bos_id) if bos_id >= 0 else ""
         eos_text = self.model.token_get_text(eos_id) if eos_id >= 0 else ""
         self.formatter = ChatFormatter(template, self.bos_text, eos_text)
+        self.tool_format = spec.get("tool_format") or detect_format(template, self.formatter.render)
         self.add_bos = self.model.add_bos_token()
         self.chat_tokenizer = ChatTokenizer(self.model)
         self.n_ctx_slot = n_ctx_slot
@@ -123,12 +149,15 @@ class _Worker:
             "n_ctx": n_ctx_slot,
             "n_ctx_train": n_train,
             "slots": n_slots,
+            "kv_cache_type": kv_type,
+            "batch_invariant": bool(spec.get("batch_invariant")),
             "architecture": meta.get("general.architecture", ""),
             "name": meta.get("general.name", ""),
             "file_type": meta.get("general.file_type", ""),
             "parameters": self.model.n_params(),
             "size": self.model.size(),
             "chat_template": bool(template),
+            "tool_format": self.tool_format,
         }
 
     # -- serving ----------------------------------------------------------------------------
@@ -171,16 +200,38 @@ class _Worker:
             self.sched.cancel(msg.id)
         elif isinstance(msg, StatsRequest):
             conn.send(Stats(self.sched.stats()))
+        elif isinstance(msg, TokenizeRequest):
+            conn.send(self._tokenize(msg))
+
+    def _tokenize(self, msg: TokenizeRequest) -> TokenizeResult:
+        """/tokenize (special-token text parsed, as llama-server does) and /detokenize (special tokens shown)."""
+        if msg.tokens is not None:
+            n_vocab = self.model.n_vocab()
+            bad = next((t for t in msg.tokens if not 0 <= t < n_vocab), None)
+            if bad is not None:
+                return TokenizeResult(msg.id, error=f"token id {bad} is outside the vocabulary (0..{n_vocab - 1})")
+            text = self.model.detokenize(msg.tokens, special=True).decode("utf-8", errors="replace")
+            return TokenizeResult(msg.id, text=text)
+        add_bos = msg.add_special and self.add_bos
+        return TokenizeResult(msg.id, tokens=self.model.tokenize((msg.text or "").encode("utf-8"), add_bos, True))
 
     def _job(self, req: GenRequest) -> Any:
+        from appliance.backends.llamacpp.sampling import check_logit_bias
         from appliance.backends.llamacpp.scheduler import Job
 
         stops = list(req.params.stop)
+        why = check_logit_bias(req.params.logit_bias, self.sched.n_vocab) if req.params.logit_bias else None
+        if why:
+            raise _Reject(400, f"Invalid 'logit_bias': {why}.", code="invalid_value", param="logit_bias")
         if req.messages is not None:
             if not self.formatter.has_template and req.require_template:
                 raise _Reject(400, "this model has no chat template; use /v1/completions", param="model")
+            msgs, tools = chat_input(req.messages, req.tools, req.tool_choice, self.tool_format)
+            for p, text in markup_texts(msgs, tools):  # rendered as markup: no control-token text allowed
+                if self.chat_tokenizer.contains_control(text):
+                    raise _Reject(400, "tool definitions and calls must not contain control-token text", param=p)
             try:
-                fmt = self.formatter([{"role": m.role, "content": m.content} for m in req.messages])
+                fmt = self.formatter(msgs, tools)
             except Exception as e:  # the template refused the conversation (raise_exception), or broke on it
                 raise _Reject(400, f"This model's chat template rejected the messages: {e}", param="messages") from e
             stops += [s for s in fmt.stops if s not in stops]
@@ -222,12 +273,19 @@ class _Worker:
 
     def _grammar(self, req: GenRequest) -> str | None:
         """The request's output format as a grammar; a 400 naming what cannot be enforced."""
-        from appliance.backends.llamacpp.grammar import UnsupportedSchema, gbnf
+        from appliance.backends.llamacpp.grammar import UnsupportedSchema, tool_gbnf
 
         try:
-            return gbnf(req.params.output, self.sched.grammar_ok)
+            return tool_gbnf(
+                req.tools if req.messages is not None else [],
+                req.tool_choice,
+                req.parallel_tool_calls,
+                self.tool_format,
+                req.params.output,
+                self.sched.grammar_ok,
+            )
         except UnsupportedSchema as e:
-            raise _Reject(400, f"Invalid 'response_format': {e}.", code="invalid_value", param="response_format") from e
+            raise _Reject(400, f"Invalid '{e.param}': {e}.", code="invalid_value", param=e.param) from e
 
     def _check_length(self, text: str, param: str) -> None:
         """Refuse, without tokenizing it, a text too long for the context whatever its tokens.
@@ -245,152 +303,3 @@ class _Worker:
                 code="context_length_exceeded",
                 param=param,
             )
-
-
-# llama.cpp token attributes (llama_token_attr)
-_ATTR_UNKNOWN, _ATTR_CONTROL, _ATTR_LSTRIP, _ATTR_RSTRIP = 1 << 0, 1 << 3, 1 << 7, 1 << 8
-_C_SPACE = " \t\n\v\f\r"  # what C's isspace() strips around LSTRIP/RSTRIP tokens
-
-
-class ChatTokenizer:
-    """Tokenize a formatted chat: special tokens are parsed in the template's markup, never in content.
-
-    The result is what `llama_tokenize(prompt, add_bos, parse_special=True)` gives for the whole prompt,
-    except that control-token text inside message content stays text. llama.cpp tokenizes with special
-    parsing by first cutting the text at control tokens (longest first; LSTRIP/RSTRIP tokens eat the
-    whitespace beside them) and then tokenizing each plain fragment on its own. This does the same cut on
-    the markup pieces only, joins each run of plain markup text and content into one fragment and has
-    llama.cpp tokenize it with special parsing off, so token boundaries at markup/content seams are the same
-    as before. Tokens of type USER_DEFINED (ordinary added words, e.g. Gemma's runs of newlines) are still
-    matched everywhere, as llama.cpp and Hugging Face's tokenizers both do: they are not markup.
-    """
-
-    def __init__(self, model: Any):
-        import llama_cpp
-
-        self.model = model
-        self.bos, self.eos = model.token_bos(), model.token_eos()
-        self.add_eos = bool(llama_cpp.llama_vocab_get_add_eos(model.vocab))
-        control: list[tuple[str, int, int]] = []
-        longest = 1  # bytes of the longest token text: no token stands for more bytes of input than that
-        for tid in range(model.n_vocab()):
-            raw = llama_cpp.llama_vocab_get_text(model.vocab, tid)
-            longest = max(longest, len(raw))
-            attr = model.token_get_attr(tid)
-            if raw and attr & (_ATTR_CONTROL | _ATTR_UNKNOWN):
-                control.append((raw.decode("utf-8", "replace"), tid, attr))
-        self.max_token_bytes = longest + 1  # + a space some tokenizers put before a fragment
-        control.sort(key=lambda c: len(c[0]), reverse=True)  # llama.cpp's order: longest first
-        self.control = control
-        self._control_re: re.Pattern[str] | None = None
-
-    def contains_control(self, text: str) -> bool:
-        """Whether `text` holds the text of any control token (which special parsing would turn into it)."""
-        if self._control_re is None:
-            self._control_re = re.compile("|".join(re.escape(t) for t, _, _ in self.control) or r"(?!)")
-        return self._control_re.search(text) is not None
-
-    def __call__(self, fmt: Formatted, add_bos: bool) -> list[int]:
-        if fmt.parts is None:  # the template transforms content: markup cannot be told from content
-            if any(self.contains_control(t) for t in fmt.contents):
-                raise _Reject(
-                    400,
-                    "message content contains the text of one of this model's control tokens, which this "
-                    "model's chat template cannot keep apart from its own markup",
-                    param="messages",
-                )
-            return self.model.tokenize(fmt.prompt.encode("utf-8"), add_bos, True)
-        markup = "".join(t for t, is_markup in fmt.parts if is_markup)
-        present = [c for c in self.control if c[0] in markup]
-        # Items: ("tok", id, attr) for a control token, ("text", str) for plain text (markup or content).
-        items: list[tuple[Any, ...]] = []
-        for text, is_markup in fmt.parts:
-            items += _cut(text, present) if is_markup else [("text", text)]
-        # Join plain runs into fragments; apply LSTRIP/RSTRIP to the neighbouring fragments.
-        seq: list[int | str] = []
-        for item in items:
-            if item[0] == "text":
-                if seq and isinstance(seq[-1], str):
-                    seq[-1] += item[1]
-                else:
-                    seq.append(item[1])
-            else:
-                seq.append(item[1])
-        for i, item in enumerate(seq):
-            if isinstance(item, int):
-                attr = self.model.token_get_attr(item)
-                if attr & _ATTR_LSTRIP and i > 0 and isinstance(seq[i - 1], str):
-                    seq[i - 1] = seq[i - 1].rstrip(_C_SPACE)  # type: ignore[union-attr]
-                if attr & _ATTR_RSTRIP and i + 1 < len(seq) and isinstance(seq[i + 1], str):
-                    seq[i + 1] = seq[i + 1].lstrip(_C_SPACE)  # type: ignore[union-attr]
-        tokens: list[int] = [self.bos] if add_bos and self.bos >= 0 else []
-        for item in seq:
-            if isinstance(item, int):
-                tokens.append(item)
-            elif item:
-                tokens += self.model.tokenize(item.encode("utf-8"), False, False)
-        if add_bos and self.add_eos and self.eos >= 0:
-            tokens.append(self.eos)
-        return tokens
-
-
-def _cut(text: str, control: list[tuple[str, int, int]]) -> list[tuple[Any, ...]]:
-    """Cut markup text at control tokens as llama.cpp does: each token in turn, longest first."""
-    frags: list[tuple[Any, ...]] = [("text", text)]
-    for ctext, tid, attr in control:
-        out: list[tuple[Any, ...]] = []
-        for frag in frags:
-            if frag[0] != "text" or ctext not in frag[1]:
-                out.append(frag)
-                continue
-            pieces = frag[1].split(ctext)
-            for j, piece in enumerate(pieces):
-                if j:
-                    out.append(("tok", tid, attr))
-                if piece:
-                    out.append(("text", piece))
-        frags = out
-    return frags
-
-
-class Outbox:
-    """Sends scheduler events over the pipe, gathering streamed text for up to `interval` seconds."""
-
-    def __init__(self, conn: Connection, interval: float):
-        self.conn = conn
-        self.interval = interval
-        self.held: list[WorkerEvent] = []
-        self.since = 0.0  # when the oldest held event was produced
-
-    def add(self, events: list[WorkerEvent], final: bool = False) -> None:
-        if not events and not self.held:
-            return
-        now = time.monotonic()
-        if not self.held:
-            self.since = now
-        self.held.extend(events)
-        urgent = final or any(not isinstance(ev, Text) for ev in events)
-        if urgent or now - self.since >= self.interval:
-            self.conn.send(Events(merge_text(self.held)))
-            self.held = []
-
-
-def merge_text(events: list[WorkerEvent]) -> list[WorkerEvent]:
-    """Join each generation's consecutive `Text` events into one (order per generation is kept)."""
-    out: list[WorkerEvent] = []
-    last: dict[str, int] = {}  # generation id -> index of its latest event in `out`
-    for ev in events:
-        i = last.get(ev.id)
-        prev = out[i] if i is not None else None
-        if isinstance(ev, Text) and isinstance(prev, Text):
-            out[i] = Text(ev.id, prev.text + ev.text)  # type: ignore[index]
-        else:
-            last[ev.id] = len(out)
-            out.append(ev)
-    return out
-
-
-class _Reject(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
-        super().__init__(message)
-        self.error = Error(status, message, "invalid_request_error", code, param)
