@@ -19,8 +19,16 @@ from typing import TextIO
 
 import psutil
 
-from appliance.catalog import ModelFileError, embedded_smollm2, resolve_model_path, sha256_file
-from appliance.config import ConfigError, LlamaCppBackendSpec, ModelsFile, Settings, load_models_file, load_settings
+from appliance.catalog import ModelFileError, embedded_smollm2, peek_model_path, resolve_model_path, sha256_file
+from appliance.config import (
+    GEMMA_MODEL_PATH,
+    ConfigError,
+    LlamaCppBackendSpec,
+    ModelsFile,
+    Settings,
+    load_models_file,
+    load_settings,
+)
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 GGUF_MAGIC = b"GGUF"
@@ -173,6 +181,10 @@ def check_models(report: Callable[[str, str, str], None], settings: Settings, mo
                 continue
             path = backend.path
             name = f"model {model.id}"
+            if path == GEMMA_MODEL_PATH and peek_model_path(path, settings.models_dir) is None:
+                # Assembled from its chunk packages on first load: the doctor never writes a model file.
+                report(OK, name, f"{path}: not assembled yet (the first load assembles it)")
+                continue
             try:
                 file = resolve_model_path(path, settings.models_dir, progress=False)
                 detail = _verify_gguf(path, file)
@@ -240,10 +252,30 @@ def check_port(report: Callable[[str, str, str], None], host: str, port: int) ->
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
             s.bind(addr)
     except OSError as e:
+        if e.errno == errno.EADDRINUSE and (running := running_appliance(host, port)) is not None:
+            report(OK, "port", f"{where} is served by a running appliance ({running})")
+            return
         reason = "already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
         report(FAIL, "port", f"cannot bind {where}: {reason}")
         return
     report(OK, "port", f"{where} is free")
+
+
+def running_appliance(host: str, port: int) -> str | None:
+    """What /health on the port says when an appliance answers there ("status ok, version …"), else None."""
+    import httpx
+
+    connect = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+    netloc = f"[{connect}]:{port}" if ":" in connect else f"{connect}:{port}"
+    try:
+        r = httpx.get(f"http://{netloc}/health", timeout=2.0)
+        doc = r.json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    if not isinstance(doc, dict) or "status" not in doc or r.headers.get("x-request-id") is None:
+        return None  # something else holds the port
+    version = doc.get("version")
+    return f"status {doc['status']}" + (f", version {version}" if version else "")
 
 
 def check_backends(report: Callable[[str, str, str], None], models: ModelsFile) -> None:

@@ -1,63 +1,23 @@
-"""`appliance models add|list|rm`: manage GGUF files in the data directory and the models file."""
+"""`appliance models add|pull|list|rm`: manage GGUF files in the data directory and the models file."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import asyncio
 import errno
 import hashlib
 import os
 import re
-import stat
 import sys
 from pathlib import Path
 
 import httpx
-import tomli_w
 from tqdm import tqdm
 
 from appliance.catalog import open_temp_file, peek_model_path
-from appliance.config import ConfigError, LlamaCppBackendSpec, ModelsFile, ModelSpec, Settings, load_models_file
+from appliance.config import ConfigError, LlamaCppBackendSpec, ModelSpec, Settings, load_models_file
 from appliance.gguf_meta import GGUFError, read_info, validate
-
-
-def _write_models(settings: Settings, models: ModelsFile) -> Path:
-    """Replace the models file atomically, keeping an existing file's mode and owner.
-
-    On an install the file is /etc/appliance/models.toml, root:appliance 0640 and read-only to the
-    service: run `models add|rm` as root (sudo). A symlinked models file is refused rather than
-    replaced or written through.
-    """
-    path = settings.models_file_path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        st: os.stat_result | None = os.lstat(path)
-    except FileNotFoundError:
-        st = None
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        raise ConfigError(
-            f"APPLIANCE_MODELS_FILE {path} is not a regular file (a symlink?): point the setting at the file itself"
-        )
-    data = models.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
-    for m in data["models"]:
-        if not m.get("aliases"):
-            m.pop("aliases", None)
-    text = "# Models served by the appliance (see README: The models file).\n\n" + tomli_w.dumps(data)
-    fd, tmp = open_temp_file(path.parent, ".models-", ".toml.tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if st is not None:
-            os.chmod(tmp, stat.S_IMODE(st.st_mode))
-            with contextlib.suppress(OSError):  # only root may give the file away
-                os.chown(tmp, st.st_uid, st.st_gid)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+from appliance.models_pull import PullError, pull, write_models
 
 
 def _place(tmp: Path, dst: Path) -> None:
@@ -135,7 +95,7 @@ def cmd_add(settings: Settings, args: argparse.Namespace) -> int:
         digest = _copy_with_hash(src, dst)
     spec = ModelSpec(id=model_id, backends=[LlamaCppBackendSpec(path=dst.name, sha256=digest)])
     models.models.append(spec)
-    where = _write_models(settings, models)
+    where = write_models(settings, models)
     print(
         f"added {model_id}: {info.architecture}, {info.parameters_label or '?'} parameters, {info.quantization}, "
         f"context {info.context_length}, {info.size / 1e6:.1f} MB, sha256 {digest[:16]}…\n"
@@ -187,7 +147,7 @@ def cmd_rm(settings: Settings, args: argparse.Namespace) -> int:
     if entry.id == settings.default_model or settings.default_model in entry.aliases:
         raise ConfigError(f"{entry.id!r} is the default model (APPLIANCE_DEFAULT_MODEL); choose another first")
     models.models.remove(entry)
-    _write_models(settings, models)
+    write_models(settings, models)
     for b in entry.backends:
         if isinstance(b, LlamaCppBackendSpec) and not b.path.startswith("embedded:"):
             p = Path(b.path) if Path(b.path).is_absolute() else settings.models_dir / b.path
@@ -198,8 +158,41 @@ def cmd_rm(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pull(settings: Settings, args: argparse.Namespace) -> int:
+    """Download a GGUF (URL or Hugging Face `owner/repo/file.gguf`) with a progress bar; resumes."""
+    bars: dict[str, tqdm] = {}
+
+    def progress(status: str, done: int, total: int | None, digest: str | None) -> None:
+        if status.startswith("downloading"):
+            bar = bars.get(status)
+            if bar is None:
+                bar = bars[status] = tqdm(total=total, initial=done, unit="B", unit_scale=True, desc=status[12:])
+            bar.update(done - bar.n)
+            return
+        for bar in bars.values():
+            bar.close()
+        bars.clear()
+        print(status, file=sys.stderr)
+
+    try:
+        spec, pulled = asyncio.run(pull(settings, args.source, model_id=args.id, sha256=args.sha256, progress=progress))
+    except PullError as e:
+        print(f"appliance: {e}", file=sys.stderr)
+        return 1
+    finally:
+        for bar in bars.values():
+            bar.close()
+    aliases = f" (also {', '.join(spec.aliases)})" if spec.aliases else ""
+    print(
+        f"pulled {spec.id}{aliases}: {pulled.size / 1e6:.1f} MB, sha256 {pulled.sha256[:16]}…\n"
+        f"  file: {pulled.path}\n  models file: {settings.models_file_path}\n"
+        "  a running appliance serves it after a restart (POST /api/pull adds it at once)"
+    )
+    return 0
+
+
 def add_models_commands(sub: argparse._SubParsersAction, add_settings_flags, load) -> None:
-    p = sub.add_parser("models", help="manage models: add, list, rm")
+    p = sub.add_parser("models", help="manage models: add, pull, list, rm")
     msub = p.add_subparsers(dest="models_command", required=True)
     a = msub.add_parser("add", help="check a GGUF file, copy (or link) it into the data directory, register it")
     a.add_argument("path")
@@ -207,6 +200,12 @@ def add_models_commands(sub: argparse._SubParsersAction, add_settings_flags, loa
     a.add_argument("--link", action="store_true", help="symlink instead of copying")
     add_settings_flags(a)
     a.set_defaults(func=lambda args: cmd_add(load(args), args))
+    a = msub.add_parser("pull", help="download a GGUF from a URL or Hugging Face (owner/repo/file.gguf), register it")
+    a.add_argument("source", help="https://…/file.gguf, or owner/repo/file.gguf[@revision] (HF_ENDPOINT honoured)")
+    a.add_argument("--id", help="model id (default: from the file name)")
+    a.add_argument("--sha256", help="expected sha256 (default: Hugging Face's, when it names one)")
+    add_settings_flags(a)
+    a.set_defaults(func=lambda args: cmd_pull(load(args), args))
     a = msub.add_parser("list", help="list configured models")
     add_settings_flags(a)
     a.set_defaults(func=lambda args: cmd_list(load(args), args))

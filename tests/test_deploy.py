@@ -22,6 +22,7 @@ import pytest
 from appliance import catalog, models_cli
 from appliance.app import create_app
 from appliance.config import ConfigError, Settings, load_models_file
+from appliance.models_pull import write_models
 from appliance.observability.access import ClientAddress
 
 # --- the client address in the access log -----------------------------------------------------------
@@ -207,7 +208,7 @@ def test_models_file_rewrite_keeps_mode_and_refuses_symlinks(models_env) -> None
     linked.symlink_to(models_file)
     before = models_file.read_bytes()
     with pytest.raises(ConfigError, match="not a regular file"):
-        models_cli._write_models(settings.model_copy(update={"models_file": linked}), load_models_file(settings))
+        write_models(settings.model_copy(update={"models_file": linked}), load_models_file(settings))
     assert models_file.read_bytes() == before and linked.is_symlink()
 
 

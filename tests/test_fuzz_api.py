@@ -69,6 +69,10 @@ def _bound(case) -> None:
         mt = body.get("max_tokens")
         if isinstance(mt, int) and not isinstance(mt, bool) and 16 < mt < 10**6:
             body["max_tokens"] = 16
+    elif case.path == "/v1/responses":
+        mt = body.get("max_output_tokens")
+        if isinstance(mt, int) and not isinstance(mt, bool) and 16 < mt < 10**6:
+            body["max_output_tokens"] = 16
     elif case.path in ("/api/chat", "/api/generate") and isinstance(body.get("options"), dict):
         n = body["options"].get("num_predict")
         if isinstance(n, int) and not isinstance(n, bool) and n > 16:
@@ -85,6 +89,10 @@ SERVED_MODELS = {
     "/api/show": ["default"],
     "/v1/embeddings": ["all-minilm-l6-v2"],
     "/api/embed": ["all-minilm-l6-v2"],
+    "/api/embeddings": ["all-minilm-l6-v2"],
+    "/v1/responses": ["default"],
+    "/tokenize": ["default"],
+    "/detokenize": ["default"],
 }
 
 

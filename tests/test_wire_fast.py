@@ -109,7 +109,7 @@ async def test_completion_shapes(tmp_path, openai_schema) -> None:
         (json.dumps({**CHAT, "max_tokens": 2.0}).encode(), "max_tokens", "invalid_value"),
         (json.dumps({**CHAT, "stop": ["a"] * 17}).encode(), "stop", "invalid_value"),
         (json.dumps({**CHAT, "stop": ["a" * 257]}).encode(), "stop[0]", "invalid_value"),
-        (json.dumps({**CHAT, "n": 2}).encode(), "n", "invalid_value"),
+        (json.dumps({**CHAT, "n": 65}).encode(), "n", "invalid_value"),
         (json.dumps({**CHAT, "messages": [{"role": "robot", "content": "x"}]}).encode(), "messages[0].role", None),
         (json.dumps({**CHAT, "temperature": float("nan")}).encode(), "temperature", "invalid_value"),
         (b'{"model": "default", "max_tokens": ' + b"9" * 5000 + b"}", None, None),
@@ -199,7 +199,7 @@ async def test_ollama_shapes(tmp_path) -> None:
         tag = r.json()["models"][0]
         assert tag["name"] == "smollm2-135m-instruct" and tag["details"]["format"] == "gguf"
         r = await c.post("/api/show", json={"model": "default"})
-        assert r.json()["capabilities"] == ["completion"]
+        assert r.json()["capabilities"] == ["completion", "tools"]
         r = await c.post("/api/show", json={})
         assert r.status_code == 400 and r.json() == {"error": "model is required"}
         r = await c.get("/api/ps")

@@ -26,7 +26,7 @@ from appliance.api.streaming import caller, collect, note_request, pump, until_d
 from appliance.catalog import peek_model_path
 from appliance.engine.registry import ModelEntry
 from appliance.engine.router import Engine
-from appliance.engine.types import EngineError, GenerateRequest
+from appliance.engine.types import EngineError, GenerateRequest, ToolCallDelta, assemble_tool_calls
 from appliance.gguf_meta import GGUFError, read_info
 
 
@@ -58,11 +58,12 @@ async def _respond(request: Request, kind: Literal["chat", "generate"], req: Gen
     headers = {"X-Appliance-Backend": stream.backend}
     if streamed:
         return ndjson_response(pump(request, stream, renderer), headers)
-    text, finish, err = await collect(request, stream)
+    deltas: list[ToolCallDelta] = []
+    text, finish, err = await collect(request, stream, deltas)
     if err is not None:
         return error_response(err, request.url.path, headers)
     assert finish is not None
-    return json_response(renderer.whole(text, finish), headers)
+    return json_response(renderer.whole(text, finish, assemble_tool_calls(deltas)), headers)
 
 
 async def chat(request: Request) -> Response:
@@ -125,9 +126,7 @@ def _iso(t: datetime) -> str:
 
 async def tags(request: Request) -> Response:
     models = []
-    for entry in _engine(request).registry:
-        if entry.kind != "chat":
-            continue
+    for entry in _engine(request).registry:  # every model /v1/models lists: the agent and embeddings too
         details, size, digest = _details(request, entry)
         modified = _iso(datetime.fromtimestamp(entry.created, UTC))
         models.append(
@@ -174,7 +173,7 @@ async def show(request: Request) -> Response:
     if path is not None:
         with contextlib.suppress(OSError, GGUFError):
             model_info = read_info(Path(path)).metadata
-    caps = ["embedding"] if entry.kind == "embedding" else ["completion"]
+    caps = ["embedding"] if entry.kind == "embedding" else ["completion", "tools"]
     return json_response(
         wire.ShowResponse(
             modelfile=f"# served by the appliance\nFROM {entry.id}\n",

@@ -9,13 +9,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from appliance.api.choices import run_n
 from appliance.api.errors import error_response
 from appliance.api.protocol import openai as wire
 from appliance.api.protocol.common import parse
 from appliance.api.sse import json_response, sse_response
 from appliance.api.streaming import caller, collect, note_request, pump, until_disconnect
 from appliance.engine.router import Engine, Stream
-from appliance.engine.types import GenerateRequest
+from appliance.engine.types import GenerateRequest, TokenLogprob, ToolCallDelta, assemble_tool_calls
 
 
 def _engine(request: Request) -> Engine:
@@ -30,35 +31,55 @@ def stream_headers(stream: Stream, req: GenerateRequest) -> dict[str, str]:
     return h
 
 
-async def _run(request: Request, req: GenerateRequest, renderer, streamed: bool) -> Response:
+async def _run(request: Request, req: GenerateRequest, renderer, streamed: bool, n: int = 1) -> Response:
+    if n > 1:  # n choices at once: api/choices.py
+        return await run_n(request, req, renderer, streamed, n, stream_headers)
     note_request(request, req)
     stream = await until_disconnect(request, _engine(request).open(req))
     renderer = renderer(stream.model.id)
     headers = stream_headers(stream, req)
     if streamed:
         return sse_response(pump(request, stream, renderer), headers)
-    text, finish, err = await collect(request, stream)
+    deltas: list[ToolCallDelta] = []
+    lps: list[TokenLogprob] = []
+    text, finish, err = await collect(request, stream, deltas, lps)
     if err is not None:
         return error_response(err, request.url.path, headers)
     assert finish is not None
-    return json_response(renderer.whole(text, finish), headers)
+    if deltas:
+        return json_response(renderer.whole(text, finish, assemble_tool_calls(deltas), logprobs=lps), headers)
+    return json_response(renderer.whole(text, finish, logprobs=lps), headers)
 
 
 async def chat_completions(request: Request) -> Response:
     body = parse(wire.ChatCompletionRequest, await request.body())
     req = wire.chat_request(body, thread_id=request.headers.get("x-thread-id"), **caller(request))
-    return await _run(request, req, lambda m: wire.ChatRenderer(m, body.include_usage), bool(body.stream))
+    renderer = lambda m: wire.ChatRenderer(m, body.include_usage, bool(body.logprobs))  # noqa: E731
+    return await _run(request, req, renderer, bool(body.stream), body.n or 1)
 
 
 async def completions(request: Request) -> Response:
     body = parse(wire.CompletionRequest, await request.body())
     req = wire.completion_request(body, **caller(request))
     echo = body.text if body.echo else ""
-    return await _run(request, req, lambda m: wire.CompletionRenderer(m, echo, body.include_usage), bool(body.stream))
+    renderer = lambda m: wire.CompletionRenderer(m, echo, body.include_usage, body.logprobs is not None)  # noqa: E731
+    return await _run(request, req, renderer, bool(body.stream), body.n or 1)
+
+
+def _tool_format(entry) -> str | None:
+    """How the model calls tools: generic / native-hermes / native-llama3 (llama.cpp, known once loaded
+    unless the models file sets it), upstream (remote and Ollama backends), None (agent, embeddings)."""
+    if entry.kind != "chat" or not entry.backends:
+        return None
+    st = entry.backends[0].status()
+    if st.kind in ("remote", "ollama"):
+        return "upstream"
+    spec = entry.spec.backends[0] if entry.spec is not None else None
+    return st.details.get("tool_format") or getattr(spec, "tool_format", None)
 
 
 def _model(entry) -> wire.Model:
-    return wire.Model(id=entry.id, created=entry.created, aliases=entry.aliases)
+    return wire.Model(id=entry.id, created=entry.created, aliases=entry.aliases, tool_format=_tool_format(entry))
 
 
 async def list_models(request: Request) -> Response:

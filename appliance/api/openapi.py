@@ -18,6 +18,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from appliance.api.openapi_parity import parity_paths
 from appliance.api.protocol import health, ollama, openai, threads, usage
 
 OPENAPI_VERSION = "3.1.0"
@@ -214,6 +215,8 @@ PATHS: dict[str, dict[str, Op]] = {
         )
     },
 }
+
+PATHS.update(parity_paths(Op))  # the Responses API, model management, the tokenizer
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:

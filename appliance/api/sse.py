@@ -23,14 +23,24 @@ async def _sse(items: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
     yield DONE
 
 
+async def _sse_named(items: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
+    """The Responses API's framing: `event: <type>` before each `data:`, and no `[DONE]`."""
+    async for item in items:
+        kind = getattr(item, "type", "message")
+        yield b"event: " + str(kind).encode() + b"\ndata: " + item.model_dump_json().encode() + b"\n\n"
+
+
 async def _ndjson(items: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
     async for item in items:
         yield item.model_dump_json().encode() + b"\n"
 
 
-def sse_response(items: AsyncIterator[BaseModel], headers: dict[str, str] | None = None) -> StreamingResponse:
-    """`data: {json}` per item, then `data: [DONE]`."""
-    return StreamingResponse(_sse(items), media_type="text/event-stream", headers={**STREAM_HEADERS, **(headers or {})})
+def sse_response(
+    items: AsyncIterator[BaseModel], headers: dict[str, str] | None = None, named: bool = False
+) -> StreamingResponse:
+    """`data: {json}` per item, then `data: [DONE]`; `named`: `event: <type>` lines and no `[DONE]`."""
+    body = _sse_named(items) if named else _sse(items)
+    return StreamingResponse(body, media_type="text/event-stream", headers={**STREAM_HEADERS, **(headers or {})})
 
 
 def ndjson_response(items: AsyncIterator[BaseModel], headers: dict[str, str] | None = None) -> StreamingResponse:

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from appliance.engine.router import Stream
-from appliance.engine.types import Error, Event, Finish, GenerateRequest, Token
+from appliance.engine.types import Error, Event, Finish, GenerateRequest, Token, TokenLogprob, ToolCallDelta
 
 T = TypeVar("T")
 CAPTURE_LIMIT = 8 * 1024  # characters of completion text kept for APPLIANCE_LOG_PROMPTS
@@ -75,14 +75,25 @@ def _record(request: Request, stream: Stream, text: list[str]) -> None:
         st.completion = "".join(text)[:CAPTURE_LIMIT]
 
 
-async def collect(request: Request, stream: Stream) -> tuple[str, Finish | None, Error | None]:
-    """Run a stream to its end: (text, finish, error)."""
+async def collect(
+    request: Request,
+    stream: Stream,
+    calls: list[ToolCallDelta] | None = None,
+    logprobs: list[TokenLogprob] | None = None,
+) -> tuple[str, Finish | None, Error | None]:
+    """Run a stream to its end: (text, finish, error); tool-call fragments go to `calls` when given
+    (`engine.types.assemble_tool_calls` makes them whole)."""
     parts: list[str] = []
 
     async def run() -> tuple[str, Finish | None, Error | None]:
         async for ev in stream:
             if isinstance(ev, Token):
                 parts.append(ev.text)
+                if logprobs is not None and ev.logprobs:
+                    logprobs.extend(ev.logprobs)
+            elif isinstance(ev, ToolCallDelta):
+                if calls is not None:
+                    calls.append(ev)
             elif isinstance(ev, Finish):
                 return "".join(parts), ev, None
             elif isinstance(ev, Error):

@@ -6,6 +6,8 @@ so the `ollama` package costs nothing at start-up otherwise.
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,7 +16,7 @@ import ollama
 
 from appliance.backends.http import HTTPBackend, upstream_error
 from appliance.config import OllamaBackendSpec, Settings
-from appliance.engine.types import Error, Event, Finish, GenerateRequest, Token, Usage
+from appliance.engine.types import Error, Event, Finish, GenerateRequest, Message, Token, ToolCallDelta, Usage
 
 
 def options_for(req: GenerateRequest, default_max_tokens: int) -> dict[str, Any]:
@@ -40,6 +42,34 @@ def _role(role: str) -> str:
     return "system" if role == "developer" else role
 
 
+def _message(m: Message) -> dict[str, Any]:
+    """An internal message in Ollama's shape (calls with object arguments; tool turns name their tool)."""
+    d: dict[str, Any] = {"role": _role(m.role), "content": m.content}
+    if m.tool_calls:
+        d["tool_calls"] = [{"function": {"name": c.name, "arguments": _object(c.arguments)}} for c in m.tool_calls]
+    if m.role == "tool" and m.name:
+        d["tool_name"] = m.name
+    return d
+
+
+def _object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _tools(req: GenerateRequest) -> list[dict[str, Any]] | None:
+    """The request's tools for Ollama (which has no tool_choice: it decides, as with `auto`)."""
+    if not req.tools or req.tool_choice.mode == "none":
+        return None
+    return [
+        {"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.parameters}}
+        for t in req.tools
+    ]
+
+
 class OllamaBackend(HTTPBackend):
     name = "ollama"
 
@@ -57,16 +87,22 @@ class OllamaBackend(HTTPBackend):
             common["format"] = "json" if out.kind == "json_object" else out.schema
         try:
             if req.messages is not None:
-                msgs = [{"role": _role(m.role), "content": m.content} for m in req.messages]
-                parts = await self._client.chat(self.spec.model, msgs, **common)
+                msgs = [_message(m) for m in req.messages]
+                tools = _tools(req)
+                parts = await self._client.chat(self.spec.model, msgs, tools=tools, **common)
             else:
                 parts = await self._client.generate(self.spec.model, req.prompt or "", raw=True, **common)
+            calls = 0
             async for part in parts:
                 text = part.message.content if req.messages is not None else part.response
                 if text:
                     yield Token(text)
+                for tc in (part.message.tool_calls if req.messages is not None else None) or []:
+                    yield ToolCallDelta(calls, "", "call_" + uuid.uuid4().hex[:24], tc.function.name)
+                    yield ToolCallDelta(calls, json.dumps(dict(tc.function.arguments or {})))
+                    calls += 1
                 if part.done:
-                    reason = "length" if part.done_reason == "length" else "stop"
+                    reason = "length" if part.done_reason == "length" else "tool_calls" if calls else "stop"
                     yield Finish(reason, Usage(part.prompt_eval_count or 0, part.eval_count or 0))
                     return
             yield Error(502, "The Ollama stream ended without a final message.", "server_error", "upstream_error")

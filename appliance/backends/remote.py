@@ -7,6 +7,7 @@ so the `openai` SDK (~1 s to import) costs nothing at start-up otherwise.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,7 +15,8 @@ import openai
 
 from appliance.backends.http import HTTPBackend, upstream_error
 from appliance.config import RemoteBackendSpec, Settings
-from appliance.engine.types import Error, Event, Finish, GenerateRequest, Token, Usage
+from appliance.engine.types import Error, Event, Finish, GenerateRequest, Message, Token, ToolCallDelta, Usage
+from appliance.observability.tracing import trace_headers
 
 
 class RemoteBackend(HTTPBackend):
@@ -49,6 +51,20 @@ class RemoteBackend(HTTPBackend):
             args["stop"] = list(p.stop)
         if req.user:
             args["user"] = req.user
+        if headers := trace_headers():  # the trace continues upstream (APPLIANCE_OTEL_ENDPOINT)
+            args["extra_headers"] = headers
+        if req.tools and req.messages is not None:  # the upstream makes the calls; the deltas come back as ours
+            args["tools"] = [
+                {
+                    "type": "function",
+                    "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
+                }
+                for t in req.tools
+            ]
+            c = req.tool_choice
+            args["tool_choice"] = {"type": "function", "function": {"name": c.name}} if c.mode == "function" else c.mode
+            if not req.parallel_tool_calls:
+                args["parallel_tool_calls"] = False
         if (out := p.output) is not None and req.messages is not None:  # the upstream enforces it
             args["response_format"] = (
                 {"type": "json_object"}
@@ -60,11 +76,12 @@ class RemoteBackend(HTTPBackend):
     async def _stream(self, req: GenerateRequest) -> AsyncIterator[Event]:
         args = self._args(req)
         reason: str | None = None
+        ids: dict[int, str] = {}  # call index -> id (an upstream that sends none gets ours)
         usage = Usage()
         completion_chunks = 0
         try:
             if req.messages is not None:
-                msgs = [{"role": m.role, "content": m.content} for m in req.messages]
+                msgs = [_wire_message(m) for m in req.messages]
                 stream = await self._client.chat.completions.create(messages=msgs, **args)
             else:
                 stream = await self._client.completions.create(prompt=req.prompt or "", **args)
@@ -76,6 +93,9 @@ class RemoteBackend(HTTPBackend):
                     if text:
                         completion_chunks += 1
                         yield Token(text)
+                    for tc in (getattr(choice, "delta", None) and choice.delta.tool_calls) or []:  # type: ignore[union-attr]
+                        completion_chunks += 1
+                        yield _tool_delta(tc, ids)
                     if choice.finish_reason:
                         reason = choice.finish_reason
         except openai.APITimeoutError:
@@ -92,7 +112,35 @@ class RemoteBackend(HTTPBackend):
             return
         if not usage.completion_tokens:
             usage.completion_tokens = completion_chunks
-        yield Finish("length" if reason == "length" else "stop", usage)
+        yield Finish("length" if reason == "length" else "tool_calls" if ids else "stop", usage)
+
+
+def _wire_message(m: Message) -> dict[str, Any]:
+    """An internal message as OpenAI's wire message (with its calls, or the call it answers)."""
+    d: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        d["content"] = m.content or None
+        d["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in m.tool_calls
+        ]
+    if m.role == "tool":
+        d["tool_call_id"] = m.tool_call_id or ""
+    return d
+
+
+def _tool_delta(tc: Any, ids: dict[int, str]) -> ToolCallDelta:
+    """An upstream `delta.tool_calls` fragment as ours: the first of each index carries id and name."""
+    fn = tc.function
+    first = tc.index not in ids
+    if first:
+        ids[tc.index] = tc.id or "call_" + uuid.uuid4().hex[:24]
+    return ToolCallDelta(
+        tc.index,
+        (fn.arguments if fn else None) or "",
+        ids[tc.index] if first else None,
+        (fn.name if fn else None) if first else None,
+    )
 
 
 def _message(e: openai.APIStatusError) -> str:

@@ -10,7 +10,7 @@ import math
 import re
 import time
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -22,6 +22,8 @@ from appliance.api.protocol.common import (
     StopString,
     client_error,
 )
+from appliance.api.protocol.ollama_tools import ToolCall, calls_out, messages_of, tool_choice
+from appliance.api.protocol.openai_tools import MAX_TOOLS, ToolDef, tools_of
 from appliance.engine import types as core
 from appliance.engine.router import Stream
 
@@ -51,6 +53,9 @@ class Options(RequestModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repeat_penalty: float | None = Field(None, gt=0, le=2)
+    tool_choice: str | None = Field(
+        None, max_length=64, description="appliance extension (/api/chat): auto, required, none, or a tool's name"
+    )
 
 
 KeepAlive = float | str | None
@@ -59,6 +64,8 @@ KeepAlive = float | str | None
 class ChatMessage(RequestModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str = ""
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOLS)] | None = None  # assistant turns
+    tool_name: str | None = Field(None, max_length=64, description="tool turns: the function that answered")
 
 
 Format = Literal["json", ""] | dict[str, Any] | None  # Ollama's structured outputs: "json" or a JSON schema
@@ -75,6 +82,7 @@ def output_format(fmt: Format) -> core.OutputFormat | None:
 class ChatRequest(RequestModel):
     model: str = Field(min_length=1, examples=["default"])
     messages: list[ChatMessage] = Field(default_factory=list)
+    tools: Annotated[list[ToolDef], Field(max_length=MAX_TOOLS)] | None = None
     format: Format = None
     stream: bool = True
     options: Options | None = None
@@ -151,9 +159,13 @@ def sampling(o: Options | None, fmt: Format = None) -> core.SamplingParams:
 
 
 def chat_request(body: ChatRequest, model: str, **caller: Any) -> core.GenerateRequest:
+    """With `tools`, the model calls a tool or answers (`auto`; see `tool_choice`)."""
+    tools = tools_of(body.tools)
     return core.GenerateRequest(
         model=model,
-        messages=[core.Message(m.role, m.content) for m in body.messages],
+        messages=messages_of(body.messages),
+        tools=tools,
+        tool_choice=tool_choice(body.options.tool_choice if body.options else None, tools),
         params=sampling(body.options, body.format),
         keep_alive=parse_keep_alive(body.keep_alive),
         **caller,
@@ -182,9 +194,10 @@ def timestamp(t: datetime) -> str:
     return t.isoformat().replace("+00:00", "Z")
 
 
-class AssistantMessage(ResponseModel):
+class AssistantMessage(OmitNone):
     role: Literal["assistant"] = "assistant"
     content: str
+    tool_calls: list[ToolCall] | None = None
 
 
 class _Final(OmitNone):
@@ -279,11 +292,13 @@ class Renderer:
 
     def __init__(self, kind: Literal["chat", "generate"], model: str, stream: Stream):
         self.kind, self.model, self.stream = kind, model, stream
+        self.deltas: list[core.ToolCallDelta] = []  # streamed calls go out whole, before the last line
 
-    def _line(self, text: str, **final: Any) -> _Final:
+    def _line(self, text: str, calls: list[core.ToolCall] | None = None, **final: Any) -> _Final:
         common = {"model": self.model, "created_at": now(), **final}
         if self.kind == "chat":
-            return ChatResponse(message=AssistantMessage(content=text), **common)
+            message = AssistantMessage(content=text, tool_calls=calls_out(calls or []) or None)
+            return ChatResponse(message=message, **common)
         return GenerateResponse(response=text, **common)
 
     def _final(self, finish: core.Finish) -> dict[str, Any]:
@@ -291,7 +306,7 @@ class Renderer:
         ttft = self.stream.ttft or 0.0
         return {
             "done": True,
-            "done_reason": finish.reason,
+            "done_reason": "stop" if finish.reason == "tool_calls" else finish.reason,
             "total_duration": ns(total),
             "load_duration": 0,
             "prompt_eval_count": finish.usage.prompt_tokens,
@@ -306,12 +321,16 @@ class Renderer:
     def event(self, ev: core.Event) -> list[ResponseModel]:
         if isinstance(ev, core.Token):
             return [self._line(ev.text, done=False)]
+        if isinstance(ev, core.ToolCallDelta):
+            self.deltas.append(ev)
+            return []
         if isinstance(ev, core.Finish):
-            return [self._line("", **self._final(ev))]
+            calls = [self._line("", core.assemble_tool_calls(self.deltas), done=False)] if self.deltas else []
+            return [*calls, self._line("", **self._final(ev))]
         return [ErrorResponse(error=ev.message)]
 
-    def whole(self, text: str, finish: core.Finish) -> _Final:
-        return self._line(text, **self._final(finish))
+    def whole(self, text: str, finish: core.Finish, calls: list[core.ToolCall] | None = None) -> _Final:
+        return self._line(text, calls, **self._final(finish))
 
 
 def load_response(kind: Literal["chat", "generate"], model: str, unloaded: bool) -> _Final:

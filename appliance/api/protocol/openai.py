@@ -10,18 +10,53 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_serializer
 
-from appliance.api.protocol.common import OmitNone, RequestModel, ResponseModel, StopList, StopString
+from appliance.api.protocol.common import OmitNone, RequestModel, ResponseModel, StopList, StopString, client_error
+from appliance.api.protocol.openai_embeddings import (  # noqa: F401 (re-exported: wire.Embedding*)
+    Embedding,
+    EmbeddingList,
+    EmbeddingRequest,
+    EmbeddingUsage,
+)
+from appliance.api.protocol.openai_logprobs import (
+    ChatLogprobs,
+    CompletionLogprobs,
+    CompletionOffsets,
+    chat_logprobs,
+    logit_bias_of,
+    valid_logit_bias,
+)
+from appliance.api.protocol.openai_tools import (  # noqa: F401 (re-exported: wire.ResponseFormat*, ...)
+    MAX_TOOLS,
+    ChatMessage,
+    DeltaToolCall,
+    JSONSchemaFormat,
+    NamedToolChoice,
+    ResponseFormat,
+    ResponseFormatJSONObject,
+    ResponseFormatJSONSchema,
+    ResponseFormatText,
+    TextPart,
+    ToolCallOut,
+    ToolDef,
+    calls_out,
+    delta_out,
+    messages_of,
+    output_format,
+    tool_choice_of,
+    tools_of,
+)
 from appliance.engine.types import (
     Error,
     Event,
     Finish,
     GenerateRequest,
-    Message,
-    OutputFormat,
     SamplingParams,
     Token,
+    TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
     Usage,
 )
 
@@ -48,59 +83,6 @@ class ErrorResponse(ResponseModel):
 # -- requests -------------------------------------------------------------------------------------
 
 
-class TextPart(RequestModel):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(RequestModel):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-
-    def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(p.text for p in self.content)
-
-
-class ResponseFormatText(RequestModel):
-    type: Literal["text"]
-
-
-class ResponseFormatJSONObject(RequestModel):
-    type: Literal["json_object"]
-
-
-class JSONSchemaFormat(RequestModel):
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
-    description: str | None = None
-    schema_: dict[str, Any] | None = Field(None, alias="schema", description="a JSON schema the output must match")
-    strict: bool | None = None
-
-
-class ResponseFormatJSONSchema(RequestModel):
-    type: Literal["json_schema"]
-    json_schema: JSONSchemaFormat
-
-
-ResponseFormat = Annotated[
-    ResponseFormatText | ResponseFormatJSONObject | ResponseFormatJSONSchema, Field(discriminator="type")
-]
-
-
-def output_format(rf: ResponseFormat | None) -> OutputFormat | None:
-    """`response_format` as the internal output format: decoding is constrained by a grammar."""
-    if rf is None or isinstance(rf, ResponseFormatText):
-        return None
-    if isinstance(rf, ResponseFormatJSONObject):
-        return OutputFormat("json_object")
-    spec = rf.json_schema
-    return OutputFormat("json_schema", spec.schema_ or {"type": "object"}, spec.name)
-
-
 class StreamOptions(RequestModel):
     include_usage: bool = False
 
@@ -119,18 +101,23 @@ class SamplingFields(RequestModel):
     seed: int | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    n: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
+    n: int | None = Field(None, ge=1, le=64, description="choices, generated at once: at most the model's slots")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     response_format: ResponseFormat | None = None
+    logit_bias: dict[str, float] | None = Field(
+        None, description="token id (a string) -> bias in -100..100 added to its logit; at most 300 entries"
+    )
 
-    @field_validator("n")
+    @field_validator("logit_bias", mode="before")
     @classmethod
-    def _one_choice(cls, v: int | None) -> int | None:
-        if v is not None and v != 1:
-            raise ValueError("only n=1 is supported")
-        return v
+    def _logit_bias(cls, v: Any) -> Any:
+        return valid_logit_bias(v)
+
+    def logprobs_k(self) -> int | None:
+        """How many alternatives to report per token (None: no logprobs)."""
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -145,17 +132,33 @@ class SamplingFields(RequestModel):
             p.top_p = self.top_p
         p.presence_penalty = self.presence_penalty or 0.0
         p.frequency_penalty = self.frequency_penalty or 0.0
+        p.logit_bias = logit_bias_of(self.logit_bias)
+        p.logprobs = self.logprobs_k()
         return p
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    tools: Annotated[list[ToolDef], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    logprobs: bool | None = Field(None, description="return each output token's log-probability")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="alternatives per token; needs logprobs")
+
+    def logprobs_k(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise client_error(400, "'top_logprobs' needs 'logprobs' set to true.", "invalid_value", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5, description="log-probabilities of each token and its top N")
+
+    def logprobs_k(self) -> int | None:
+        return self.logprobs
 
     @property
     def text(self) -> str:
@@ -164,11 +167,15 @@ class CompletionRequest(SamplingFields):
 
 def chat_request(body: ChatCompletionRequest, **caller: Any) -> GenerateRequest:
     """`caller`: principal, request_id, thread_id, from the HTTP layer."""
+    tools = tools_of(body.tools)
     return GenerateRequest(
         model=body.model,
-        messages=[Message(m.role, m.text()) for m in body.messages],
+        messages=messages_of(body.messages),
         params=body.sampling(body.max_completion_tokens or body.max_tokens),
         user=body.user,
+        tools=tools,
+        tool_choice=tool_choice_of(body.tool_choice, tools),
+        parallel_tool_calls=body.parallel_tool_calls is not False,
         **caller,
     )
 
@@ -202,19 +209,27 @@ class UsageOut(ResponseModel):
         )
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class AssistantMessage(ResponseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: None = None
+    tool_calls: list[ToolCallOut] | None = Field(None, description="present when the model called tools")
+
+    @model_serializer(mode="wrap")
+    def _drop_no_calls(self, handler: Any) -> dict[str, Any]:
+        d = handler(self)
+        if d.get("tool_calls") is None:
+            d.pop("tool_calls", None)
+        return d
 
 
 class ChatChoice(ResponseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -230,12 +245,13 @@ class ChatCompletion(ResponseModel):
 class Delta(OmitNone):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChunkChoice(ResponseModel):
     index: int = 0
     delta: Delta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -253,7 +269,7 @@ class ChatCompletionChunk(OmitNone):
 class CompletionChoice(ResponseModel):
     text: str
     index: int = 0
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -274,6 +290,9 @@ class Model(ResponseModel):
     created: int
     owned_by: str = "appliance"
     aliases: list[str] = Field(default_factory=list)
+    tool_format: str | None = Field(
+        None, description="how tools are called: generic, native-hermes, native-llama3, upstream (null: not loaded)"
+    )
 
 
 class ModelList(ResponseModel):
@@ -289,12 +308,14 @@ Chunk = BaseModel  # what a stream renderer yields: a chunk model or an ErrorRes
 class ChatRenderer:
     """Engine events of one chat completion -> `ChatCompletionChunk`s or the whole `ChatCompletion`."""
 
-    def __init__(self, model: str, include_usage: bool = False):
+    def __init__(self, model: str, include_usage: bool = False, logprobs: bool = False):
         self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model
-        self.include_usage = include_usage
+        self.include_usage, self.logprobs = include_usage, logprobs
 
-    def _chunk(self, delta: Delta, finish: FinishReason | None = None) -> ChatCompletionChunk:
-        choice = ChunkChoice(delta=delta, finish_reason=finish)
+    def _chunk(
+        self, delta: Delta, finish: FinishReason | None = None, logprobs: ChatLogprobs | None = None
+    ) -> ChatCompletionChunk:
+        choice = ChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
 
     def start(self) -> list[Chunk]:
@@ -302,7 +323,9 @@ class ChatRenderer:
 
     def event(self, ev: Event) -> list[Chunk]:
         if isinstance(ev, Token):
-            return [self._chunk(Delta(content=ev.text))]
+            return [self._chunk(Delta(content=ev.text), None, chat_logprobs(ev.logprobs) if self.logprobs else None)]
+        if isinstance(ev, ToolCallDelta):
+            return [self._chunk(Delta(tool_calls=[delta_out(ev)]))]
         if isinstance(ev, Finish):
             out: list[Chunk] = [self._chunk(Delta(), ev.reason)]
             if self.include_usage:
@@ -314,8 +337,17 @@ class ChatRenderer:
             return out
         return [ErrorResponse.of(ev)]
 
-    def whole(self, text: str, finish: Finish) -> ChatCompletion:
-        choice = ChatChoice(index=0, message=AssistantMessage(content=text), finish_reason=finish.reason)
+    def whole(
+        self,
+        text: str,
+        finish: Finish,
+        calls: list[ToolCall] | None = None,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> ChatCompletion:
+        out = calls_out(calls)
+        message = AssistantMessage(content=text or (None if out else ""), tool_calls=out or None)
+        lps = chat_logprobs(logprobs) if self.logprobs else None
+        choice = ChatChoice(index=0, message=message, finish_reason=finish.reason, logprobs=lps)
         return ChatCompletion(
             id=self.id, created=self.created, model=self.model, choices=[choice], usage=UsageOut.of(finish.usage)
         )
@@ -324,12 +356,13 @@ class ChatRenderer:
 class CompletionRenderer:
     """Engine events of one text completion -> streamed `Completion` events or the whole `Completion`."""
 
-    def __init__(self, model: str, echo: str = "", include_usage: bool = False):
+    def __init__(self, model: str, echo: str = "", include_usage: bool = False, logprobs: bool = False):
         self.id, self.created, self.model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), model
         self.echo, self.include_usage = echo, include_usage
+        self.offsets = CompletionOffsets(len(echo)) if logprobs else None  # text_offset runs across chunks
 
-    def _obj(self, text: str, finish: FinishReason | None) -> Completion:
-        choice = CompletionChoice(text=text, finish_reason=finish)
+    def _obj(self, text: str, finish: FinishReason | None, lps: CompletionLogprobs | None = None) -> Completion:
+        choice = CompletionChoice(text=text, finish_reason=finish, logprobs=lps)
         return Completion(id=self.id, created=self.created, model=self.model, choices=[choice])
 
     def start(self) -> list[Chunk]:
@@ -337,7 +370,7 @@ class CompletionRenderer:
 
     def event(self, ev: Event) -> list[Chunk]:
         if isinstance(ev, Token):
-            return [self._obj(ev.text, None)]
+            return [self._obj(ev.text, None, self.offsets(ev.logprobs) if self.offsets else None)]
         if isinstance(ev, Finish):
             out: list[Chunk] = [self._obj("", ev.reason)]
             if self.include_usage:
@@ -346,42 +379,12 @@ class CompletionRenderer:
             return out
         return [ErrorResponse.of(ev)]
 
-    def whole(self, text: str, finish: Finish) -> Completion:
+    def whole(self, text: str, finish: Finish, logprobs: list[TokenLogprob] | None = None) -> Completion:
+        lps = self.offsets(logprobs) if self.offsets else None
         return Completion(
             id=self.id,
             created=self.created,
             model=self.model,
-            choices=[CompletionChoice(text=self.echo + text, finish_reason=finish.reason)],
+            choices=[CompletionChoice(text=self.echo + text, finish_reason=finish.reason, logprobs=lps)],
             usage=UsageOut.of(finish.usage),
         )
-
-
-# -- embeddings -----------------------------------------------------------------------------------
-
-
-class EmbeddingRequest(RequestModel):
-    model: str = Field(min_length=1, examples=["all-minilm-l6-v2"])
-    input: str | list[str] | list[int] | list[list[int]] = Field(
-        description="a string or a list of strings (token arrays are refused with a message saying so)"
-    )
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
-    user: str | None = None
-
-
-class Embedding(ResponseModel):
-    object: Literal["embedding"] = "embedding"
-    index: int
-    embedding: list[float] | str = Field(description="floats, or base64 of little-endian float32 bytes")
-
-
-class EmbeddingUsage(ResponseModel):
-    prompt_tokens: int = Field(ge=0)
-    total_tokens: int = Field(ge=0)
-
-
-class EmbeddingList(ResponseModel):
-    object: Literal["list"] = "list"
-    data: list[Embedding]
-    model: str
-    usage: EmbeddingUsage
