@@ -1,10 +1,13 @@
 """The agent end to end: a real server, the embedded SmolLM2 model, sentence-transformers memory and the
-`openai` SDK. Threads continue across requests and across a SIGKILL + restart; tool calls are visible;
-one user's memories never reach another's thread; a busy thread answers 409."""
+`openai` SDK. The model itself calls the tools (a grammar makes the 135M model's call valid): an arithmetic
+question is answered by a real calculator call visible in its thread; threads continue across requests and
+across a SIGKILL + restart; one user's memories never reach another's thread; a busy thread answers 409;
+a client that leaves an agent stream stops the model at once."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sqlite3
@@ -22,12 +25,19 @@ from tests.test_embeddings import wait_for_embeddings
 
 pytestmark = pytest.mark.slow
 
+# An agent turn is two or three generations: on a busy test machine, give them time.
+SLOW_MACHINE = {
+    "APPLIANCE_AGENT_TIMEOUT": "600",
+    "APPLIANCE_FIRST_TOKEN_TIMEOUT": "300",
+    "APPLIANCE_REQUEST_DEADLINE": "600",
+}
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The module's own server (the agent's prompts would otherwise warm the shared server's KV slots).
     The last test kills it with SIGKILL and restarts on its data dir."""
-    s = start_server(tmp_path_factory.mktemp("agent-e2e"), "--context-size", "4096")
+    s = start_server(tmp_path_factory.mktemp("agent-e2e"), "--context-size", "4096", env=SLOW_MACHINE)
     try:
         wait_for_embeddings(s)
         yield s
@@ -37,7 +47,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=600)
 
 
 def ask(client: openai.OpenAI, text: str, thread: str | None = None, user: str | None = None, max_tokens: int = 24):
@@ -96,30 +106,63 @@ def test_streaming_and_visible_tool_calls(server: Server, client: openai.OpenAI)
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
     msgs = get_thread(server, tid)["messages"]
     assert [m["role"] for m in msgs] == ["user", "assistant", "tool", "assistant"]
-    call = msgs[1]["tool_calls"][0]
-    assert call["type"] == "function" and call["function"]["name"] == "calculator"
-    assert msgs[2]["name"] == "calculator" and msgs[2]["content"] == "12 * 7 = 84"
-    assert msgs[3]["content"] == text
+    call = msgs[1]["tool_calls"][0]  # the model's own call (no rule picked it), run by the calculator
+    assert call["type"] == "function" and call["function"]["name"] == "calculator" and call["id"].startswith("call_")
+    assert json.loads(call["function"]["arguments"]) == {"expression": "12 * 7"}
+    assert msgs[2] == {"role": "tool", "content": "12 * 7 = 84", "name": "calculator", "tool_call_id": call["id"]}
+    assert msgs[3]["content"] == text and "84" in text  # the answer uses the result
+
+
+def test_leaving_an_agent_stream_stops_the_model(server: Server) -> None:
+    """A client that disconnects after the first chunk frees the model's slot at once; the abandoned answer
+    does not run on to max_tokens (the completion-token count stays far below it)."""
+
+    def completion_tokens() -> float:
+        text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+        line = 'appliance_tokens_total{backend="llamacpp",kind="completion",model="smollm2-135m-instruct"}'
+        return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(line))
+
+    before = completion_tokens()
+    body = {
+        "model": "agent",
+        "messages": [{"role": "user", "content": "Write a very long story about a lighthouse keeper."}],
+        "max_tokens": 400,
+        "temperature": 0,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=body, timeout=600) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if '"content":"' in line and '"content":""' not in line:
+                break  # the first chunk of the answer: leave
+    left = time.monotonic()
+    while server.backend("smollm2-135m-instruct")["in_flight"] and time.monotonic() - left < 30:
+        time.sleep(0.05)
+    assert server.backend("smollm2-135m-instruct")["in_flight"] == 0
+    freed = time.monotonic() - left
+    time.sleep(1.0)
+    spent = completion_tokens() - before
+    assert spent < 100, f"{spent} completion tokens after leaving (max_tokens 400)"
+    assert freed < 10, f"the slot was freed {freed:.1f}s after the client left"
 
 
 def test_memory_is_per_user_end_to_end(server: Server, client: openai.OpenAI) -> None:
     alice, bob = f"alice-{uuid.uuid4().hex[:6]}", f"bob-{uuid.uuid4().hex[:6]}"
-    ask(client, "My name is Alice and I like green tea.", user=alice)
+    ask(client, "Please remember that my name is Alice.", user=alice)
     mems = httpx.get(f"{server.base_url}/v1/memories", params={"user": alice}).json()["data"]
-    assert {"The user's name is Alice.", "The user likes green tea."} <= {m["text"] for m in mems}
+    assert any("Alice" in m["text"] for m in mems), mems  # the model's save_memory fact (or the turn's summary)
 
     _, tid = ask(client, "What is my name?", user=bob)
     msgs = get_thread(server, tid)["messages"]
-    assert msgs[1]["tool_calls"][0]["function"]["name"] == "search_memory"
-    assert "Alice" not in msgs[2]["content"] and "green tea" not in msgs[2]["content"]
+    assert all("Alice" not in (m["content"] or "") for m in msgs)
     bob_mems = httpx.get(f"{server.base_url}/v1/memories", params={"user": bob}).json()["data"]
-    assert bob_mems and all("Alice" not in m["text"] and "green tea" not in m["text"] for m in bob_mems)
-    hits = httpx.get(f"{server.base_url}/v1/memories/search", params={"user": bob, "q": "green tea"}).json()["data"]
+    assert all("Alice" not in m["text"] for m in bob_mems)
+    hits = httpx.get(f"{server.base_url}/v1/memories/search", params={"user": bob, "q": "Alice"}).json()["data"]
     assert all(h["user"] == bob for h in hits)
 
-    # and the owner gets them back in a new thread, through the memory tool
-    _, tid = ask(client, "What is my name?", user=alice)
-    assert "The user's name is Alice." in get_thread(server, tid)["messages"][2]["content"]
+    # and the owner gets them back in a new thread (recalled into the prompt, or by the memory tool)
+    answer, tid = ask(client, "What is my name?", user=alice)
+    assert "Alice" in answer.choices[0].message.content
 
 
 def test_concurrent_requests_on_one_thread(server: Server, client: openai.OpenAI) -> None:
@@ -195,7 +238,7 @@ def test_sigkill_mid_run_then_restart(server: Server) -> None:
         worker = s1.worker_pid()
         c1 = openai.OpenAI(base_url=f"{s1.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
         tid, user = "durable-1", "dur"
-        t1, _ = ask(c1, "My name is Zoltan.", thread=tid, user=user)
+        t1, _ = ask(c1, "Please remember that my name is Zoltan.", thread=tid, user=user)
         t2, _ = ask(c1, "What is 2 + 3?", thread=tid, user=user)
         completed = get_thread(s1, tid)["messages"]
         assert [m["role"] for m in completed].count("user") == 2
@@ -254,9 +297,8 @@ def test_sigkill_mid_run_then_restart(server: Server) -> None:
         msgs = get_thread(s2, tid)["messages"]
         # every completed turn is there, exactly as it was
         assert msgs[: len(completed)] == completed
-        assert any(m["role"] == "tool" and m["name"] == "save_memory" for m in msgs)
         mems = httpx.get(f"{s2.base_url}/v1/memories", params={"user": user}).json()["data"]
-        assert "The user's name is Zoltan." in [m["text"] for m in mems]
+        assert any("Zoltan" in m["text"] for m in mems), mems
         # and the thread goes on after the restart, with its history in the model's context
         wait_for_embeddings(s2)
         c2 = openai.OpenAI(base_url=f"{s2.base_url}/v1", api_key="unused", max_retries=0, timeout=120)

@@ -1,14 +1,18 @@
-"""The agent's logic with a scripted chat model and bag-of-words embeddings (no model, no torch):
-tool call → tool → answer, memory injection, per-user isolation, threads (ids per owner), 409/400, loop and time limits,
-and the /v1/threads and /v1/memories endpoints (with and without an API-key principal)."""
+"""The agent's logic over the real engine path with a scripted backend (tests/fakes.py) and bag-of-words
+embeddings (no model, no torch): the model's own tool calls (ToolCallDelta events) → tools → answer, the
+forced first step and `respond`, auto mode and tool rounds, the answer prompt with the results, summaries
+kept out of memory when the answer ignores its tools, memory injection, per-user isolation, threads (ids
+per owner), 409/400, loop and time limits, cancellation, and the /v1/threads and /v1/memories endpoints."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import math
 import re
-from collections.abc import Callable
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -20,15 +24,19 @@ from langchain_core.outputs import ChatGenerationChunk
 from pydantic import Field
 from starlette.applications import Starlette
 
+from appliance.agent.graph import ANSWER_NOTE, AgentOptions, build_graph
 from appliance.agent.service import AgentService
 from appliance.agent.threads import stored_id
 from appliance.api import threads as threads_api
 from appliance.api.errors import engine_error_handler
 from appliance.api.protocol.threads import message_of
-from appliance.config import Settings
-from appliance.engine.types import EngineError, Error, Finish, GenerateRequest, Message, Token
+from appliance.engine.router import Engine
+from appliance.engine.types import EngineError, Error, Finish, GenerateRequest, Message, Token, ToolChoice
+from tests.fakes import ScriptedBackend, Step, calls, ok, scripted_registry, settings, slow
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+TOOLS = ["calculator", "current_datetime", "search_memory", "save_memory"]
 
 
 class WordsEmbedder:
@@ -54,11 +62,9 @@ class WordsEmbedder:
     def close(self) -> None: ...
 
 
-Reply = str | Callable[[list[BaseMessage]], str]
-
-
 class ScriptedModel(BaseChatModel):
-    """Replies from a script (strings, or functions of the prompt), streamed word by word; records prompts."""
+    """A LangChain-level stand-in (used by tests/test_roles.py): text replies from a script, streamed word by
+    word, never a tool call; records prompts."""
 
     script: list[Any] = Field(default_factory=list)
     prompts: list[list[BaseMessage]] = Field(default_factory=list)
@@ -67,6 +73,9 @@ class ScriptedModel(BaseChatModel):
     @property
     def _llm_type(self) -> str:
         return "scripted"
+
+    def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
+        return self.bind(tools=tools, **kwargs)
 
     def _generate(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError
@@ -93,10 +102,11 @@ class ScriptedModel(BaseChatModel):
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def agent(tmp_path_factory: pytest.TempPathFactory):
-    settings = Settings(data_dir=tmp_path_factory.mktemp("agent"), agent_timeout=5, agent_recursion_limit=8)
-    model = ScriptedModel()
-    svc = AgentService(settings, model_factory=lambda model_id, req: model, embeddings=WordsEmbedder())
-    svc.model = model  # for the tests
+    s = settings(data_dir=tmp_path_factory.mktemp("agent"), agent_timeout=30, agent_recursion_limit=8)
+    backend = ScriptedBackend("llamacpp")
+    engine = Engine(scripted_registry(s, {"m": [backend]}), s)
+    svc = AgentService(s, engine=engine, embeddings=WordsEmbedder())
+    svc.backend = backend  # type: ignore[attr-defined]  (for the tests)
     await svc.start()
     await svc.ready()
     yield svc
@@ -104,10 +114,23 @@ async def agent(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture
-def model(agent: AgentService) -> ScriptedModel:
-    m = agent.model
-    m.script, m.prompts, m.delay = [], [], 0.0
-    return m
+def backend(agent: AgentService) -> ScriptedBackend:
+    b: ScriptedBackend = agent.backend  # type: ignore[attr-defined]
+    b.script.clear()
+    b.calls.clear()
+    b.default = ok("OK.")
+    return b
+
+
+@contextlib.contextmanager
+def options(agent: AgentService, **kw: Any) -> Iterator[None]:
+    """Run with a graph compiled with other AgentOptions."""
+    graph = agent.graph
+    agent.graph = build_graph(agent.memory, agent.threads.saver, AgentOptions(**kw))
+    try:
+        yield
+    finally:
+        agent.graph = graph
 
 
 async def run(agent: AgentService, text: str, thread: str | None = None, user: str | None = None, **kw):
@@ -122,92 +145,203 @@ def answer_of(events: list) -> str:
     return "".join(e.text for e in events if isinstance(e, Token))
 
 
+def prompt_text(req: GenerateRequest) -> str:
+    return "\n".join(f"{m.role}: {m.content}" for m in req.messages or [])
+
+
+def offered(req: GenerateRequest) -> list[str]:
+    return [t.name for t in req.tools]
+
+
 async def thread_messages(agent: AgentService, tid: str, scope: str = "default") -> list[Any]:
     """A thread's history, read as the API does: by its stored id (the owner's scope and the client's id)."""
     state = await agent.graph.aget_state({"configurable": {"thread_id": stored_id(scope, tid)}})
     return [message_of(m).model_dump() for m in state.values["messages"]]
 
 
-async def test_tool_call_then_tool_then_answer(agent: AgentService, model: ScriptedModel) -> None:
-    model.script = ["12 times 7 is 84."]
-    req, events = await run(agent, "What is 12 * 7?")
+async def summaries(agent: AgentService, scope: str) -> list[str]:
+    return [m.text for m in (await agent.memory.list(scope))[0] if m.kind == "summary"]
+
+
+async def test_model_calls_a_tool_then_answers_with_its_result(agent: AgentService, backend: ScriptedBackend) -> None:
+    backend.then(calls(("calculator", {"expression": "12 * 7"})), ok("12 times 7 is 84."))
+    req, events = await run(agent, "What is 12 * 7?", user="calc")
     assert answer_of(events) == "12 times 7 is 84."
     assert req.thread_id and req.thread_id.startswith("thread_")  # a new thread id, for the X-Thread-Id echo
-    msgs = await thread_messages(agent, req.thread_id)
+    msgs = await thread_messages(agent, req.thread_id, "calc")
     assert [m["role"] for m in msgs] == ["user", "assistant", "tool", "assistant"]
     call = msgs[1]["tool_calls"][0]
-    assert call["function"]["name"] == "calculator" and '"12 * 7"' in call["function"]["arguments"]
+    assert call["id"] == "call_scripted0" and call["function"]["name"] == "calculator"
+    assert call["function"]["arguments"] == '{"expression": "12 * 7"}'
     assert msgs[2] == {"role": "tool", "content": "12 * 7 = 84", "name": "calculator", "tool_call_id": call["id"]}
-    assert "calculator: 12 * 7 = 84" in model.prompt_text()  # the model answered with the result in context
-    assert events[-1].usage.prompt_tokens > 0 and events[-1].usage.completion_tokens == 5
+    assert msgs[3] == {"role": "assistant", "content": "12 times 7 is 84."}
+
+    first, second = backend.calls
+    # the first step: the tools and `respond`, one of which the grammar makes the model call
+    assert offered(first) == [*TOOLS, "respond"] and first.tool_choice == ToolChoice("required")
+    expression = first.tools[0].parameters["properties"]["expression"]
+    assert expression["type"] == "string" and expression["pattern"].startswith("^[0-9(")  # for the grammar
+    assert [m.role for m in first.messages] == ["system", "user"] and "`calculator`" in first.messages[0].content
+    # the answer: no tools, the result stated in the system prompt and the last user message
+    assert second.tools == [] and [m.role for m in second.messages] == ["system", "user"]
+    assert second.messages[0].content.endswith("\n\nTool result: calculator: 12 * 7 = 84")
+    last = second.messages[-1].content
+    assert last == f"What is 12 * 7?\n\nTool result: calculator: 12 * 7 = 84\n{ANSWER_NOTE}"
+    u = events[-1].usage
+    assert (u.prompt_tokens, u.completion_tokens) == (6, 4 + 5)  # both model calls
+    assert len(await summaries(agent, "calc")) == 1  # the answer used the result: the turn is remembered
 
 
-async def test_thread_continues_with_history(agent: AgentService, model: ScriptedModel) -> None:
-    model.script = ["Nice to meet you.", "You told me about the purple kite."]
-    _, events = await run(agent, "I flew a purple kite today.", thread="kites", user="kiter")
-    first = events[-1].usage.prompt_tokens
-    _, events = await run(agent, "What did I fly?", thread="kites", user="kiter")
-    assert answer_of(events) == "You told me about the purple kite."
-    prompt = model.prompt_text()
-    assert "purple kite" in prompt and "Nice to meet you." in prompt
-    assert events[-1].usage.prompt_tokens > first
-    msgs = await thread_messages(agent, "kites", "kiter")
-    assert [m["content"] for m in msgs if m["role"] == "user"] == ["I flew a purple kite today.", "What did I fly?"]
-
-
-async def test_memory_is_saved_recalled_in_new_threads_and_isolated(agent: AgentService, model: ScriptedModel) -> None:
-    model.script = ["Hello Alice.", "Hello Bob.", "Your name is Alice.", "I do not know your name."]
-    await run(agent, "My name is Alice and I like green tea.", user="alice")
-    await run(agent, "My name is Bob.", user="bob")
-    facts = {m.text for m in (await agent.memory.list("alice"))[0] if m.kind == "fact"}
-    assert facts == {"The user's name is Alice.", "The user likes green tea."}
-
-    req, events = await run(agent, "What is my name?", user="alice")  # a new thread: only memory knows
-    assert answer_of(events) == "Your name is Alice."
-    prompt = model.prompt_text()
-    assert "The user's name is Alice." in prompt
-    assert "Bob" not in prompt
-    msgs = await thread_messages(agent, req.thread_id, "alice")
-    assert msgs[1]["tool_calls"][0]["function"]["name"] == "search_memory"
-    assert "Alice" in msgs[2]["content"] and "Bob" not in msgs[2]["content"]
-
-    await run(agent, "What is my name? Do you know anything about green tea?", user="carol")
-    prompt = model.prompt_text()
-    assert "Alice" not in prompt and "Bob" not in prompt and "green tea." not in prompt.split("human:")[0]
-
-
-async def test_model_emitted_tool_call_is_run_and_not_shown(agent: AgentService, model: ScriptedModel) -> None:
-    model.script = ['<tool_call>{"name": "calculator", "arguments": {"expression": "6 * 7"}}</tool_call>', "It is 42."]
-    req, events = await run(agent, "Tell me the product of six and seven")
-    assert answer_of(events) == "It is 42."
+async def test_respond_answers_without_a_stored_call(agent: AgentService, backend: ScriptedBackend) -> None:
+    backend.then(calls(("respond", {})), ok("Hello there!"))
+    req, events = await run(agent, "Hi!")
+    assert answer_of(events) == "Hello there!"
     msgs = await thread_messages(agent, req.thread_id)
-    assert [m["role"] for m in msgs] == ["user", "assistant", "tool", "assistant"]
-    assert msgs[2]["content"] == "6 * 7 = 42"
+    assert msgs == [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello there!"}]
+    assert offered(backend.calls[0])[-1] == "respond" and backend.calls[1].tools == []
 
 
-async def test_runaway_tool_loop_hits_the_recursion_limit(agent: AgentService, model: ScriptedModel) -> None:
-    model.script = ['{"name": "current_datetime", "arguments": {}}'] * 50
-    _, events = await run(agent, "Loop forever please")
+async def test_a_backend_that_answers_in_text_is_an_answer(agent: AgentService, backend: ScriptedBackend) -> None:
+    """A model that answers despite the forced choice (e.g. a fallback without tool support): one call."""
+    backend.then(ok("Just text."))
+    req, events = await run(agent, "Hello?")
+    assert answer_of(events) == "Just text." and len(backend.calls) == 1
+    assert [m["role"] for m in await thread_messages(agent, req.thread_id)] == ["user", "assistant"]
+
+
+async def test_an_answer_that_ignores_its_tools_is_not_remembered(
+    agent: AgentService, backend: ScriptedBackend
+) -> None:
+    backend.then(calls(("calculator", {"expression": "12 * 7"})), ok("Sorry, the tool cannot do arithmetic."))
+    req, events = await run(agent, "What is 12 * 7?", user="ignorer")
+    assert answer_of(events) == "Sorry, the tool cannot do arithmetic."
+    assert [m["role"] for m in await thread_messages(agent, req.thread_id, "ignorer")][-2] == "tool"
+    assert await summaries(agent, "ignorer") == []
+
+
+async def test_auto_mode_and_several_tool_rounds(agent: AgentService, backend: ScriptedBackend) -> None:
+    with options(agent, tool_choice="auto", tool_rounds=3):
+        backend.then(ok("Plain answer."))
+        _, events = await run(agent, "Tell me a joke.")
+        assert answer_of(events) == "Plain answer."
+        assert offered(backend.calls[0]) == TOOLS and backend.calls[0].tool_choice == ToolChoice("auto")
+
+        backend.calls.clear()
+        backend.then(
+            calls(("calculator", {"expression": "2 + 3"})),
+            calls(("calculator", {"expression": "5 * 10"}), ("current_datetime", {})),
+            ok("It is 50."),
+        )
+        req, events = await run(agent, "What is (2 + 3) * 10?")
+        assert answer_of(events) == "It is 50."
+        roles = [m["role"] for m in await thread_messages(agent, req.thread_id)]
+        assert roles == ["user", "assistant", "tool", "assistant", "tool", "tool", "assistant"]
+        assert [offered(r) for r in backend.calls] == [TOOLS] * 3
+        # later steps see this turn's calls and results as structured messages, for the backend to render
+        third = backend.calls[2].messages
+        assert [m.role for m in third] == ["system", "user", "assistant", "tool", "assistant", "tool", "tool"]
+        assert third[2].tool_calls[0].name == "calculator" and third[3].tool_call_id == third[2].tool_calls[0].id
+        assert third[5].content == "5 * 10 = 50" and third[5].name == "calculator"
+
+
+async def test_tool_rounds_end_with_an_answer_without_tools(agent: AgentService, backend: ScriptedBackend) -> None:
+    backend.default = calls(("current_datetime", {}))  # a model that would call tools forever
+    with options(agent, tool_choice="auto", tool_rounds=2):
+        req, events = await run(agent, "Loop please")
+    text = answer_of(events)
+    assert [offered(r) for r in backend.calls] == [TOOLS, TOOLS, []]
+    assert text == ""  # the scripted "answer" step still returned calls, which are ignored: no tools offered
+    roles = [m["role"] for m in await thread_messages(agent, req.thread_id)]
+    assert roles == ["user", "assistant", "tool", "assistant", "tool", "assistant"]
+
+
+async def test_runaway_tool_loop_hits_the_recursion_limit(agent: AgentService, backend: ScriptedBackend) -> None:
+    backend.default = calls(("current_datetime", {}))
+    with options(agent, tool_choice="auto", tool_rounds=20):
+        _, events = await run(agent, "Loop forever please")
     err = events[-1]
     assert isinstance(err, Error) and err.code == "agent_recursion_limit" and err.status == 500
 
 
-async def test_slow_run_times_out(agent: AgentService, model: ScriptedModel) -> None:
+async def test_thread_continues_with_history(agent: AgentService, backend: ScriptedBackend) -> None:
+    backend.then(calls(("calculator", {"expression": "6 * 7"})), ok("It is 42."), calls(("respond", {})), ok("Yes."))
+    _, events = await run(agent, "What is 6 * 7?", thread="kites", user="kiter")
+    first = events[-1].usage.prompt_tokens
+    _, events = await run(agent, "Are you sure?", thread="kites", user="kiter")
+    assert answer_of(events) == "Yes."
+    # the earlier turn, its tool result folded into its user message, then the new question
+    msgs = backend.calls[2].messages
+    assert [m.role for m in msgs] == ["system", "user", "assistant", "user"]
+    assert "6 * 7 = 42" in msgs[1].content and msgs[2].content == "It is 42." and msgs[3].content == "Are you sure?"
+    assert ANSWER_NOTE not in msgs[1].content  # only the current turn is told to answer from its results
+    assert events[-1].usage.prompt_tokens > 0 and first > 0
+    msgs = await thread_messages(agent, "kites", "kiter")
+    assert [m["content"] for m in msgs if m["role"] == "user"] == ["What is 6 * 7?", "Are you sure?"]
+
+
+async def test_memory_is_saved_recalled_in_new_threads_and_isolated(
+    agent: AgentService, backend: ScriptedBackend
+) -> None:
+    backend.then(calls(("save_memory", {"fact": "The user's name is Alice."})), ok("Hello Alice."))
+    await run(agent, "My name is Alice.", user="alice")
+    backend.then(calls(("save_memory", {"fact": "The user's name is Bob."})), ok("Hello Bob."))
+    await run(agent, "My name is Bob.", user="bob")
+    facts = {m.text for m in (await agent.memory.list("alice"))[0] if m.kind == "fact"}
+    assert facts == {"The user's name is Alice."}
+
+    backend.calls.clear()
+    backend.then(calls(("search_memory", {"query": "user's name"})), ok("Your name is Alice."))
+    req, events = await run(agent, "What is my name?", user="alice")  # a new thread: only memory knows
+    assert answer_of(events) == "Your name is Alice."
+    msgs = await thread_messages(agent, req.thread_id, "alice")
+    assert msgs[1]["tool_calls"][0]["function"]["name"] == "search_memory"
+    assert "Alice" in msgs[2]["content"] and "Bob" not in msgs[2]["content"]
+    answer_prompt = prompt_text(backend.calls[1])
+    assert "Tool result: search_memory:" in answer_prompt and "The user's name is Alice." in answer_prompt
+    assert "Bob" not in answer_prompt + prompt_text(backend.calls[0])
+
+    backend.calls.clear()
+    backend.then(calls(("search_memory", {"query": "name"})), ok("I do not know."))
+    req, _ = await run(agent, "What is my name?", user="carol")
+    msgs = await thread_messages(agent, req.thread_id, "carol")
+    assert msgs[2]["content"] == "Nothing remembered about that."
+    assert all("Alice" not in prompt_text(r) and "Bob" not in prompt_text(r) for r in backend.calls)
+
+
+async def test_slow_run_times_out(agent: AgentService, backend: ScriptedBackend) -> None:
     agent.settings.agent_timeout = 0.5
     try:
-        model.delay = 0.2
-        model.script = ["one two three four five six seven eight nine ten"]
+        backend.then(slow(2.0))
         _, events = await run(agent, "Count slowly", thread="slow")
     finally:
-        agent.settings.agent_timeout = 5
+        agent.settings.agent_timeout = 30
     err = events[-1]
     assert isinstance(err, Error) and err.code == "agent_timeout" and err.status == 504
     assert stored_id("default", "slow") not in agent.busy  # the thread is free again
+    await asyncio.sleep(0.05)
+    assert backend.in_flight == 0  # and the model's generation was stopped
 
 
-async def test_concurrent_requests_on_one_thread_get_409(agent: AgentService, model: ScriptedModel) -> None:
-    model.delay = 0.05
-    model.script = ["a b c d e f g h"]
+async def test_closing_the_stream_stops_the_model_within_a_step(agent: AgentService, backend: ScriptedBackend) -> None:
+    """What a client disconnect does (the API closes the engine stream): the model's generation ends at once."""
+    words = [Token(f" w{i}") for i in range(200)]
+    backend.then(calls(("respond", {})), Step([*words, Finish("stop", ok().events[-1].usage)], gap=0.02))
+    req = GenerateRequest(model="agent", messages=[Message("user", "Tell a long story.")], thread_id="quitter")
+    gen = agent.generate(req, "agent", "m")
+    async for ev in gen:
+        if isinstance(ev, Token) and ev.text:
+            break
+    assert backend.in_flight == 1
+    t = time.monotonic()
+    await gen.aclose()
+    while backend.in_flight and time.monotonic() - t < 1:
+        await asyncio.sleep(0.005)
+    assert backend.in_flight == 0 and time.monotonic() - t < 0.1  # one 20 ms "decode step", not 4 s
+    assert stored_id("default", "quitter") not in agent.busy
+
+
+async def test_concurrent_requests_on_one_thread_get_409(agent: AgentService, backend: ScriptedBackend) -> None:
+    backend.then(calls(("respond", {})), Step(ok("a b c d e f g h").events, gap=0.05))
     first = asyncio.create_task(run(agent, "first", thread="busy-1"))
     while stored_id("default", "busy-1") not in agent.busy:
         await asyncio.sleep(0.01)
@@ -227,13 +361,13 @@ async def test_bad_thread_ids_are_400(agent: AgentService, bad: str) -> None:
     assert e.value.error.status == 400 and e.value.error.param == "X-Thread-Id"
 
 
-async def test_another_users_thread_id_is_a_fresh_thread(agent: AgentService, model: ScriptedModel) -> None:
+async def test_another_users_thread_id_is_a_fresh_thread(agent: AgentService, backend: ScriptedBackend) -> None:
     """No existence oracle: another user's thread id is simply a new thread of one's own."""
-    model.script = ["Hi Alice.", "Hi Mallory.", "Hi again."]
+    backend.then(ok("Hi Alice."), ok("Hi Mallory."))
     await run(agent, "hello, my secret is 1234", thread="alices-thread", user="alice")
     _, events = await run(agent, "let me read that", thread="alices-thread", user="mallory")
     assert answer_of(events) == "Hi Mallory."
-    assert "1234" not in model.prompt_text()  # nothing of alice's thread reached mallory's prompt
+    assert "1234" not in prompt_text(backend.calls[-1])  # nothing of alice's thread reached mallory's prompt
     mine = await thread_messages(agent, "alices-thread", "mallory")
     assert [m["content"] for m in mine if m["role"] == "user"] == ["let me read that"]
     theirs = await thread_messages(agent, "alices-thread", "alice")
@@ -243,7 +377,7 @@ async def test_another_users_thread_id_is_a_fresh_thread(agent: AgentService, mo
     assert (await agent.threads.get(stored_id("mallory", "alices-thread"))).scope == "mallory"
 
 
-async def test_embeddings_loading_is_503_and_leaves_no_half_turn(agent: AgentService, model: ScriptedModel) -> None:
+async def test_embeddings_loading_is_503_and_leaves_no_half_turn(agent: AgentService, backend: ScriptedBackend) -> None:
     async def loading(timeout: float | None = None) -> None:
         raise EngineError(Error(503, "loading", code="embeddings_loading"))
 
@@ -257,7 +391,7 @@ async def test_embeddings_loading_is_503_and_leaves_no_half_turn(agent: AgentSer
     assert (await agent.graph.aget_state({"configurable": {"thread_id": stored_id("default", "early")}})).values == {}
 
 
-async def test_completions_on_the_agent_are_400(agent: AgentService) -> None:
+async def test_completions_and_client_tools_on_the_agent_are_400(agent: AgentService) -> None:
     req = GenerateRequest(model="agent", prompt="hi")
     with pytest.raises(EngineError) as e:
         [ev async for ev in agent.generate(req, "agent", "m")]
@@ -266,6 +400,12 @@ async def test_completions_on_the_agent_are_400(agent: AgentService) -> None:
     with pytest.raises(EngineError) as e:
         [ev async for ev in agent.generate(req, "agent", "m")]
     assert e.value.error.status == 400 and e.value.error.param == "messages"
+    from appliance.engine.types import Tool
+
+    req = GenerateRequest(model="agent", messages=[Message("user", "hi")], tools=[Tool("mine")])
+    with pytest.raises(EngineError) as e:
+        [ev async for ev in agent.generate(req, "agent", "m")]
+    assert e.value.error.status == 400 and e.value.error.param == "tools"
 
 
 # -- the HTTP endpoints ------------------------------------------------------------------------------
@@ -292,7 +432,7 @@ def http(agent: AgentService) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=PrincipalFromHeader(app)), base_url="http://t")
 
 
-async def test_threads_endpoints(agent: AgentService, model: ScriptedModel, http: httpx.AsyncClient) -> None:
+async def test_threads_endpoints(agent: AgentService, backend: ScriptedBackend, http: httpx.AsyncClient) -> None:
     for i in range(3):
         await run(agent, f"page test {i}", thread=f"page-{i}", user="pager")
     r = await http.get("/v1/threads", params={"user": "pager", "limit": 2})
@@ -317,7 +457,9 @@ async def test_threads_endpoints(agent: AgentService, model: ScriptedModel, http
     assert (await http.get("/v1/threads", params={"limit": 0})).status_code == 400
 
 
-async def test_threads_are_private_to_a_key(agent: AgentService, http: httpx.AsyncClient) -> None:
+async def test_threads_are_private_to_a_key(
+    agent: AgentService, backend: ScriptedBackend, http: httpx.AsyncClient
+) -> None:
     await run(agent, "key thread", thread="keyed", principal="key-a")
     assert (await http.get("/v1/threads/keyed", headers={"X-Test-Principal": "key-a"})).status_code == 200
     assert (await http.get("/v1/threads/keyed", headers={"X-Test-Principal": "key-b"})).status_code == 404

@@ -1,6 +1,7 @@
-"""The agent under a hostile or heavy user: crafted messages cannot stall the event loop (linear intent rules,
-long ones off the loop), thread checkpoints grow linearly with a thread's history, per-key quotas on threads
-and memories, and `appliance data assign` (moving data from `default` or an old key name to a key's id)."""
+"""The agent under a hostile or heavy user: crafted messages cannot stall the event loop (nothing scans the
+user's text: the model picks the tools), thread checkpoints grow linearly with a thread's history, per-key
+quotas on threads and memories, and `appliance data assign` (moving data from `default` or an old key name
+to a key's id)."""
 
 from __future__ import annotations
 
@@ -16,16 +17,16 @@ from typing import Any
 import httpx
 import pytest
 
-from appliance.agent import intents
 from appliance.agent.service import AgentService
 from appliance.agent.threads import stored_id
 from appliance.app import create_app
 from appliance.cli import main
 from appliance.config import Settings
+from appliance.engine.router import Engine
 from appliance.engine.types import EngineError, Error, Finish
 from appliance.memory.store import MemoryStore
-from tests.fakes import ScriptedBackend
-from tests.test_agent_graph import ScriptedModel, WordsEmbedder, answer_of, run
+from tests.fakes import ScriptedBackend, calls, ok, scripted_registry
+from tests.test_agent_graph import WordsEmbedder, answer_of, run
 
 N = 10_000
 
@@ -57,28 +58,6 @@ def crafted_message() -> str:
     return "".join(text[: N // len(CRAFTED)] for text in CRAFTED.values())[:N]
 
 
-@pytest.mark.parametrize("name", list(CRAFTED))
-def test_detect_is_fast_on_crafted_messages(name: str) -> None:
-    text = CRAFTED[name]
-    assert len(text) >= N - 20
-    best = min(_timed(intents.detect, text) for _ in range(3))
-    assert best < 0.05, f"{name}: {best * 1000:.1f} ms"
-
-
-def test_crafted_messages_still_detect_sensible_intents() -> None:
-    assert len(intents.detect("I like tea. " * 1000)) == 1  # one fact, said many times
-    many = ". ".join(f"I like thing{i}" for i in range(100))
-    assert len(intents.find_facts(many)) == intents.MAX_FACTS  # a bounded number of saves per message
-    assert intents.find_arithmetic("x" * 5000 + " what is 2 + 3?") == "2 + 3"  # the end of a long message
-    assert intents.find_arithmetic("what is (((((((((( 2 + 3") == "2 + 3"
-
-
-def _timed(fn: Any, *args: Any) -> float:
-    t = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - t
-
-
 # -- /health while a crafted agent message is handled ---------------------------------------------------
 
 
@@ -91,13 +70,12 @@ class Embedder(WordsEmbedder):
 
 
 @contextlib.asynccontextmanager
-async def app_client(settings: Settings, model: ScriptedModel) -> AsyncIterator[httpx.AsyncClient]:
-    backend = ScriptedBackend("llamacpp")
+async def app_client(settings: Settings, backend: ScriptedBackend) -> AsyncIterator[httpx.AsyncClient]:
+    """The whole app over a scripted model backend: the agent runs through the engine as in production."""
     app = create_app(
         settings,
         backend_factories={"llamacpp": lambda model_id, spec: backend},
         embeddings=Embedder(),
-        agent_model_factory=lambda model_id, req: model,
     )
     transport = httpx.ASGITransport(app=app)
     async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://t") as c:
@@ -106,9 +84,9 @@ async def app_client(settings: Settings, model: ScriptedModel) -> AsyncIterator[
 
 
 async def test_health_answers_while_a_crafted_agent_message_is_handled(tmp_path: Path) -> None:
-    model = ScriptedModel(script=["Noted."] * 4)
+    backend = ScriptedBackend("llamacpp", default=ok("Noted."))
     settings = Settings(data_dir=tmp_path / "data", embeddings_preload=False)
-    async with app_client(settings, model) as c:
+    async with app_client(settings, backend) as c:
         await c.app.state.agent.ready()
         assert (await c.get("/health")).status_code == 200
         latencies: list[float] = []
@@ -134,6 +112,7 @@ async def test_health_answers_while_a_crafted_agent_message_is_handled(tmp_path:
         finally:
             done.set()
             await poller
+        assert backend.calls[-1].messages[-1].content == crafted_message()  # it did reach the model
     assert len(latencies) >= 5
     assert max(latencies) < 0.2, f"/health took up to {max(latencies) * 1000:.0f} ms"
     assert statistics.median(latencies) < 0.05
@@ -151,10 +130,13 @@ async def used_bytes(agent: AgentService) -> int:
 
 @contextlib.asynccontextmanager
 async def agent_service(tmp: Path, **kw: Any) -> AsyncIterator[AgentService]:
-    settings = Settings(data_dir=tmp, agent_timeout=10, agent_recursion_limit=8, **kw)
-    model = ScriptedModel()
-    svc = AgentService(settings, model_factory=lambda model_id, req: model, embeddings=WordsEmbedder())
-    svc.model = model  # type: ignore[attr-defined]
+    """An agent over the engine with a scripted model `m` (svc.backend; by default it answers "OK.")."""
+    settings = Settings(data_dir=tmp, agent_timeout=10, agent_recursion_limit=8, default_model="m", **kw)
+    backend = ScriptedBackend("llamacpp", default=ok("OK."))
+    svc = AgentService(
+        settings, engine=Engine(scripted_registry(settings, {"m": [backend]}), settings), embeddings=WordsEmbedder()
+    )
+    svc.backend = backend  # type: ignore[attr-defined]
     await svc.start()
     await svc.ready()
     try:
@@ -168,7 +150,7 @@ async def test_thread_storage_grows_linearly_with_its_history(tmp_path: Path) ->
         sizes = {}
         filler = "lorem ipsum dolor sit amet " * 40  # ~1 KB a turn, so history dominates the file
         for turn in range(1, 51):
-            agent.model.script = [f"Answer {turn}: {filler}"]  # type: ignore[attr-defined]
+            agent.backend.then(ok(f"Answer {turn}: {filler}"))  # type: ignore[attr-defined]
             _, events = await run(agent, f"Turn {turn}: {filler}", thread="long")
             assert isinstance(events[-1], Finish), events[-1]
             if turn in (25, 50):
@@ -201,6 +183,21 @@ async def test_thread_quota(tmp_path: Path) -> None:
         assert answer_of((await run(agent, "hello", thread="c", user="u"))[1])  # room again
 
 
+async def test_the_thread_quota_holds_under_concurrent_creates(tmp_path: Path) -> None:
+    """Ten new threads at once with one place left: exactly one gets it (count and insert are one step)."""
+    from appliance.agent.threads import ThreadStore
+
+    store = ThreadStore(tmp_path / "threads.sqlite")
+    await store.open()
+    try:
+        assert await store.create("u:first", "u", "agent", "t", limit=2)
+        made = await asyncio.gather(*(store.create(f"u:{i}", "u", "agent", "t", limit=2) for i in range(10)))
+        assert sum(made) == 1 and await store.count("u") == 2
+        assert await store.create("v:1", "v", "agent", "t", limit=2)  # another scope has its own quota
+    finally:
+        await store.close()
+
+
 async def test_memory_quota_in_the_store(tmp_path: Path) -> None:
     store = MemoryStore(tmp_path / "memory", WordsEmbedder(), max_per_scope=2)
     try:
@@ -220,9 +217,10 @@ async def test_memory_quota_in_the_store(tmp_path: Path) -> None:
 
 
 async def test_memory_quota_for_the_agent_and_the_api(tmp_path: Path) -> None:
-    model = ScriptedModel(script=["Hi."] * 10)
+    backend = ScriptedBackend("llamacpp", default=ok("Hi."))
+    backend.then(calls(("save_memory", {"fact": "The user's name is Zed."})))
     settings = Settings(data_dir=tmp_path / "data", embeddings_preload=False, max_memories_per_key=2)
-    async with app_client(settings, model) as c:
+    async with app_client(settings, backend) as c:
         await c.app.state.agent.ready()
         for text in ("The user likes tea.", "The user likes jazz."):
             assert (await c.post("/v1/memories", json={"text": text})).status_code == 201
@@ -257,7 +255,14 @@ async def test_data_assign_moves_threads_and_memories_to_a_key(tmp_path: Path) -
     data, keys = tmp_path / "data", tmp_path / "keys.toml"
     common = ("--data-dir", str(data), "--keys-file", str(keys))
     async with agent_service(data) as agent:
-        agent.model.script = ["Hi Alice.", "Hi.", "Hi old alice.", "Hi."]  # type: ignore[attr-defined]
+        agent.backend.then(  # type: ignore[attr-defined]
+            calls(("save_memory", {"fact": "The user's name is Alice."})),
+            ok("Hi Alice."),
+            ok("Hi."),
+            calls(("save_memory", {"fact": "The user likes tea."})),
+            ok("Hi old alice."),
+            ok("Hi."),
+        )
         await run(agent, "My name is Alice.", thread="t1")  # scope "default": before keys
         await run(agent, "hello again", thread="t2")
         await run(agent, "I like tea.", thread="t1", user="alice")  # scope "alice": a key's old name
@@ -297,9 +302,10 @@ async def test_data_assign_moves_threads_and_memories_to_a_key(tmp_path: Path) -
         assert facts == {"The user's name is Alice.", "The user likes tea."}
         assert all(m.thread_id and m.thread_id.startswith(key_id + ":") for m in mems)
         # the key continues its moved thread, and recalls the moved memory in a new one
-        agent.model.script = ["Welcome back.", "You are Alice."]  # type: ignore[attr-defined]
+        agent.backend.then(ok("Welcome back."), ok("You are Alice."))  # type: ignore[attr-defined]
         _, events = await run(agent, "hello", thread="t1", principal=key_id)
         assert answer_of(events) == "Welcome back."
         _, events = await run(agent, "What is my name?", principal=key_id)
         assert answer_of(events) == "You are Alice."
-        assert "The user's name is Alice." in agent.model.prompt_text()  # type: ignore[attr-defined]
+        prompt = agent.backend.calls[-1].messages[0].content  # type: ignore[attr-defined]
+        assert "The user's name is Alice." in prompt  # recalled into the system prompt

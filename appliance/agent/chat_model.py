@@ -1,18 +1,24 @@
 """A LangChain chat model over the appliance's own engine: in process, no HTTP to ourselves.
 
 `_astream` opens `engine.open(GenerateRequest(...))` on the underlying chat model (with its fallbacks,
-queues and breakers) and turns Token/Finish events into message chunks; LangGraph's "messages" stream
-mode picks the tokens up from there. A failure becomes an `EngineError` carrying the OpenAI-shaped error.
+queues and breakers) — the same path as a client's `/v1/chat/completions` — and turns the engine's events
+into message chunks: Token → content, ToolCallDelta → `tool_call_chunks` (LangChain joins them into
+`AIMessage.tool_calls`), Finish → usage and `finish_reason`. LangGraph's "messages" stream mode picks the
+tokens up from there. `bind_tools` turns LangChain tools into the engine's `Tool`s and `tool_choice` into
+its `ToolChoice`, so whichever model serves the run (llama.cpp with its native format or the generic
+grammar, or an HTTP fallback) produces the calls. A failure becomes an `EngineError` carrying the
+OpenAI-shaped error.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
@@ -22,10 +28,26 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.utils import message_chunk_to_message
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field
 
-from appliance.engine.types import EngineError, Error, Finish, GenerateRequest, Message, SamplingParams, Token
+from appliance.engine.types import (
+    EngineError,
+    Error,
+    Finish,
+    GenerateRequest,
+    Message,
+    SamplingParams,
+    Token,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+)
 
 
 def text_of(message: BaseMessage) -> str:
@@ -42,8 +64,8 @@ def text_of(message: BaseMessage) -> str:
 
 
 def to_engine_messages(messages: list[BaseMessage]) -> list[Message]:
-    """LangChain messages → the engine's (role, text) messages. Tool traffic is rendered as text, since the
-    engine's models see plain chat templates; the agent's graph folds it in more carefully before this."""
+    """LangChain messages → the engine's messages, tool traffic included (assistant `tool_calls`, and
+    `tool` messages with their `tool_call_id` and `name`): the backend renders them for its model."""
     out: list[Message] = []
     for m in messages:
         if isinstance(m, SystemMessage):
@@ -51,16 +73,45 @@ def to_engine_messages(messages: list[BaseMessage]) -> list[Message]:
         elif isinstance(m, HumanMessage):
             out.append(Message("user", text_of(m)))
         elif isinstance(m, AIMessage):
-            text = text_of(m)
-            if m.tool_calls and not text:
-                text = "; ".join(f"(calling {c['name']} with {c['args']})" for c in m.tool_calls)
-            out.append(Message("assistant", text))
+            calls = [
+                ToolCall(c.get("id") or f"call_{i}", c["name"], json.dumps(c.get("args") or {}, ensure_ascii=False))
+                for i, c in enumerate(m.tool_calls)
+            ]
+            out.append(Message("assistant", text_of(m), tool_calls=calls or None))
         elif isinstance(m, ToolMessage):
-            out.append(Message("user", f"Result of {m.name or 'the tool'}: {text_of(m)}"))
+            out.append(Message("tool", text_of(m), tool_call_id=m.tool_call_id, name=m.name))
         else:  # ChatMessage and friends
             role = getattr(m, "role", "user")
             out.append(Message(role if role in ("system", "user", "assistant") else "user", text_of(m)))
     return out
+
+
+def to_engine_tool(t: Any) -> Tool:
+    """A LangChain tool (or function, pydantic model, OpenAI tool dict) → the engine's Tool."""
+    if isinstance(t, Tool):
+        return t
+    fn = convert_to_openai_tool(t)["function"]
+    params = fn.get("parameters") or {"type": "object", "properties": {}}
+    return Tool(fn["name"], fn.get("description") or "", params)
+
+
+def to_tool_choice(choice: Any) -> ToolChoice:
+    """LangChain/OpenAI spellings of `tool_choice` → the engine's ToolChoice."""
+    if choice is None or choice == "auto":
+        return ToolChoice("auto")
+    if isinstance(choice, ToolChoice):
+        return choice
+    if choice == "none" or choice is False:
+        return ToolChoice("none")
+    if choice in ("required", "any") or choice is True:
+        return ToolChoice("required")
+    if isinstance(choice, str):
+        return ToolChoice("function", choice)
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") or choice.get("name")
+        if name:
+            return ToolChoice("function", str(name))
+    raise ValueError(f"unsupported tool_choice: {choice!r}")
 
 
 def usage_metadata(finish: Finish) -> UsageMetadata:
@@ -93,7 +144,28 @@ class EngineChatModel(BaseChatModel):
     def _identifying_params(self) -> dict[str, Any]:
         return {"model": self.model}
 
-    def _request(self, messages: list[BaseMessage], stop: list[str] | None) -> GenerateRequest:
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable | BaseTool | Tool],
+        *,
+        tool_choice: Any = None,
+        parallel_tool_calls: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        bound: dict[str, Any] = {"tools": [to_engine_tool(t) for t in tools]}
+        bound["tool_choice"] = to_tool_choice(tool_choice)
+        if parallel_tool_calls is not None:
+            bound["parallel_tool_calls"] = parallel_tool_calls
+        return self.bind(**bound, **kwargs)
+
+    def _request(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        tools: list[Tool] | None = None,
+        tool_choice: ToolChoice | None = None,
+        parallel_tool_calls: bool = True,
+    ) -> GenerateRequest:
         params = dataclasses.replace(self.params, stop=[*self.params.stop, *(stop or [])][:4])
         return GenerateRequest(
             model=self.model,
@@ -102,6 +174,9 @@ class EngineChatModel(BaseChatModel):
             user=self.user,
             principal=self.principal,
             request_id=self.request_id,
+            tools=list(tools or []),
+            tool_choice=tool_choice or ToolChoice("auto"),
+            parallel_tool_calls=parallel_tool_calls,
         )
 
     async def _astream(
@@ -112,12 +187,22 @@ class EngineChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         # LangChain calls run_manager.on_llm_new_token for each chunk we yield.
-        stream = await self.engine.open(self._request(messages, stop))
+        req = self._request(
+            messages,
+            stop,
+            kwargs.get("tools"),
+            kwargs.get("tool_choice"),
+            kwargs.get("parallel_tool_calls", True),
+        )
+        stream = await self.engine.open(req)
         try:
             async for ev in stream:
                 if isinstance(ev, Token):
                     if ev.text:
                         yield ChatGenerationChunk(message=AIMessageChunk(content=ev.text))
+                elif isinstance(ev, ToolCallDelta):
+                    chunk = {"name": ev.name, "args": ev.arguments, "id": ev.id, "index": ev.index}
+                    yield ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=[chunk]))
                 elif isinstance(ev, Finish):
                     meta = {"finish_reason": ev.reason, "model_name": stream.model.id, "backend": stream.backend}
                     yield ChatGenerationChunk(
@@ -143,18 +228,13 @@ class EngineChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        text: list[str] = []
-        last: AIMessageChunk | None = None
+        joined: AIMessageChunk | None = None
         async for chunk in self._astream(messages, stop, run_manager, **kwargs):
             if run_manager is not None and chunk.message.content:
                 await run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
-            text.append(str(chunk.message.content))
-            last = chunk.message  # type: ignore[assignment]
-        meta = dict(last.response_metadata) if last is not None else {}
-        msg = AIMessage(
-            content="".join(text), usage_metadata=last.usage_metadata if last else None, response_metadata=meta
-        )
-        return ChatResult(generations=[ChatGeneration(message=msg, generation_info=meta)])
+            joined = chunk.message if joined is None else joined + chunk.message  # type: ignore[assignment,operator]
+        msg = message_chunk_to_message(joined) if joined is not None else AIMessage(content="")
+        return ChatResult(generations=[ChatGeneration(message=msg, generation_info=dict(msg.response_metadata))])
 
     def _generate(
         self,

@@ -1,28 +1,31 @@
-"""The agent's LangGraph graph.
+"""The agent's LangGraph graph: the model calls the tools itself.
 
 ```
-START → recall → route ─┬─(tool calls)→ tools → answer ─┬─(tool calls)→ tools …
-                        └──────────────────→ answer ────┴──────────────→ remember → END
+START → recall → agent ─┬─(tool calls)→ tools → agent …
+                        └─(answer)────────────→ remember → END
 ```
 
 * recall: the user's most relevant memories (facts, and summaries of other threads) into the state.
-* route: deterministic intent rules (appliance.agent.intents) issue real tool calls — an AIMessage with
-  `tool_calls` — for arithmetic, date/time, facts to remember and questions about what is remembered.
-  Small local models do not emit tool-call JSON reliably; this keeps tool use real, visible and robust.
-* tools: LangGraph's ToolNode runs the calls; the ToolMessages are part of the thread.
-* answer: the chat model (the run's `AgentContext.model`) answers with the memories and tool results in
-  its prompt. If a model does emit a tool call (`<tool_call>{"name": …, "arguments": …}</tool_call>` or a
-  bare JSON object, at the start of its reply) for a known tool, that is parsed and run too.
-* remember: a summary of the turn goes to memory (kind "summary") for later threads.
+* agent: the run's chat model (`AgentContext.model`, the engine's own path: any model the appliance serves)
+  with the tools bound (calculator, current_datetime, search_memory, save_memory). Its reply's `tool_calls`
+  route the graph. With `tool_choice="forced"` (the default, for small models) the first step must call a
+  tool or `respond` — a choice the backend enforces with a grammar, so even a 135M model returns a valid
+  call; `respond` is a routing signal, not a tool, and is never stored. With `"auto"` the model calls a
+  tool or answers in text. After `tool_rounds` steps with tool calls (or on `respond`) the agent answers
+  without tools, the turn's tool results stated in the system prompt and in its last user message
+  ("Tool result: calculator: 12 * 7 = 84 / Answer with this result." — what even a 135M model copies).
+* tools: LangGraph's ToolNode runs the calls; the assistant's calls and the ToolMessages are part of the
+  thread (GET /v1/threads/{id} shows them).
+* remember: a summary of the turn goes to memory (kind "summary") for later threads — unless the answer
+  ignores or contradicts what its tools returned (`uses_results`).
+
+Nothing here scans the user's text with patterns: which tool to call is the model's decision.
 """
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-import json
 import logging
-import uuid
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypedDict
 
@@ -42,14 +45,26 @@ from langgraph.prebuilt import ToolNode
 from langgraph.prebuilt.tool_node import TOOL_CALL_ERROR_TEMPLATE
 from langgraph.runtime import Runtime
 
-from appliance.agent import intents
 from appliance.agent.chat_model import text_of
-from appliance.agent.tools import all_tools
-from appliance.engine.types import EngineError
+from appliance.agent.tools import all_tools, answer_keys
+from appliance.engine.types import EngineError, Tool
 
 log = logging.getLogger("appliance.agent")
 
 DEFAULT_INSTRUCTIONS = "You are a helpful assistant. Answer the user's last message briefly and accurately."
+RESPOND = Tool(
+    "respond",
+    "Reply to the user in words, without a tool: greetings, chat, general knowledge.",
+    {"type": "object", "properties": {}},
+)
+TOOL_GUIDE = (
+    "Call a tool when it helps: `calculator` for any arithmetic, `current_datetime` for the date, day or time, "
+    "`search_memory` when the user asks about themselves or what they told you before, `save_memory` when the "
+    "user tells you something about themselves to remember."
+)
+FORCED_GUIDE = " Otherwise call `respond`."
+RESULT_PREFIX = "Tool result: "  # how a result is stated to the model (small models copy it best so)
+ANSWER_NOTE = "Answer with this result."
 
 
 @dataclass
@@ -72,7 +87,8 @@ class AgentOptions:
     memory_k: int = 4
     memory_min_score: float = 0.2  # cosine similarity a recalled memory needs
     history_tokens: int = 3000
-    tool_prompt: bool = False  # describe the tool-call format to the model (for models that can use it)
+    tool_choice: str = "forced"  # "forced": the first step calls a tool or `respond`; "auto": a tool or text
+    tool_rounds: int = 1  # model steps per turn that may call tools, before the answer
     summaries: bool = True
     tool_names: list[str] = field(default_factory=list)
 
@@ -81,70 +97,21 @@ class AgentOptions:
         return 1.0 - self.memory_min_score
 
 
+def last_human_index(messages: list[BaseMessage]) -> int:
+    for i in range(len(messages) - 1, -1, -1):
+        if isinstance(messages[i], HumanMessage):
+            return i
+    return -1
+
+
 def last_human(messages: list[BaseMessage]) -> HumanMessage | None:
-    for m in reversed(messages):
-        if isinstance(m, HumanMessage):
-            return m
-    return None
+    i = last_human_index(messages)
+    return messages[i] if i >= 0 else None  # type: ignore[return-value]
 
 
-def new_call_id() -> str:
-    return "call_" + uuid.uuid4().hex[:24]
-
-
-# -- tool calls a model writes as text ---------------------------------------------------------------
-
-_OPEN_TAG, _CLOSE_TAG = "<tool_call>", "</tool_call>"
-INLINE_DETECT_CHARS = 256  # longer user messages go through the intent rules on a worker thread
-
-
-def _tool_bodies(text: str) -> list[str]:
-    """The bodies of `<tool_call>…</tool_call>` (the last one may be unclosed), by string search: linear."""
-    bodies, pos = [], 0
-    while (start := text.find(_OPEN_TAG, pos)) != -1:
-        start += len(_OPEN_TAG)
-        end = text.find(_CLOSE_TAG, start)
-        if end == -1:
-            bodies.append(text[start:].strip())
-            break
-        bodies.append(text[start:end].strip())
-        pos = end + len(_CLOSE_TAG)
-    return bodies
-
-
-def parse_tool_calls(text: str, names: list[str]) -> list[dict[str, Any]]:
-    """Tool calls a model wrote at the very start of its reply, for tools that exist; else []."""
-    s = text.strip()
-    if s.startswith(_OPEN_TAG):
-        bodies = _tool_bodies(s)
-    elif s.startswith("{"):
-        bodies = [s]
-    else:
-        return []
-    calls = []
-    for body in bodies:
-        try:
-            obj = json.loads(body)
-        except json.JSONDecodeError:
-            return []
-        if not isinstance(obj, dict) or obj.get("name") not in names:
-            return []
-        args = obj.get("arguments", obj.get("args", obj.get("parameters", {})))
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except json.JSONDecodeError:
-                return []
-        if not isinstance(args, dict):
-            return []
-        calls.append({"name": obj["name"], "args": args, "id": new_call_id(), "type": "tool_call"})
-    return calls
-
-
-def could_be_tool_call(prefix: str) -> bool:
-    """While streaming: might a reply starting with `prefix` turn out to be a tool call (hold it back)?"""
-    s = prefix.lstrip()
-    return s.startswith("{") or s.startswith("<tool_call>") or (bool(s) and "<tool_call>".startswith(s))
+def current_turn(messages: list[BaseMessage]) -> list[BaseMessage]:
+    """The messages after the last user message: this turn's tool calls, results and answer."""
+    return messages[last_human_index(messages) + 1 :]
 
 
 # -- the prompt ------------------------------------------------------------------------------------------
@@ -156,19 +123,22 @@ def _tool_line(msg: ToolMessage, calls: dict[str, dict[str, Any]]) -> str:
     content = text_of(msg).strip()
     if "\n" in content:
         content = "\n" + "\n".join("  " + line for line in content.splitlines())
-    return f"- {name}: {content}"
+    return f"{RESULT_PREFIX}{name}: {content}"
 
 
-def fold(history: list[BaseMessage]) -> list[BaseMessage]:
+def fold(history: list[BaseMessage], final_note: str | None = None) -> list[BaseMessage]:
     """Alternating user/assistant messages any chat template accepts: tool calls are dropped and tool
-    results are appended to the user message they answer; same-role neighbours are merged."""
+    results are appended to the user message they answer (the last turn's also get `final_note`);
+    same-role neighbours are merged."""
     calls: dict[str, dict[str, Any]] = {}
     out: list[BaseMessage] = []
     results: list[str] = []
 
-    def flush_results() -> None:
+    def flush_results(last: bool = False) -> None:
         if results:
-            note = "Use these tool results in your answer:\n" + "\n".join(results)
+            note = "\n".join(results)
+            if last and final_note:
+                note += "\n" + final_note
             if out and isinstance(out[-1], HumanMessage):
                 out[-1] = HumanMessage(content=f"{text_of(out[-1])}\n\n{note}")
             else:
@@ -194,27 +164,28 @@ def fold(history: list[BaseMessage]) -> list[BaseMessage]:
                 out[-1] = AIMessage(content=f"{text_of(out[-1])}\n\n{text_of(m)}")
             else:
                 out.append(AIMessage(content=text_of(m)))
-    flush_results()
+    flush_results(last=True)
     while out and isinstance(out[0], AIMessage):  # templates want the user first
         out.pop(0)
     return out
 
 
-def tool_prompt(names: list[str]) -> str:
-    return (
-        "You can use tools: " + ", ".join(names) + ". To use one, reply with only "
-        '<tool_call>{"name": "<tool>", "arguments": {...}}</tool_call> and nothing else.'
-    )
-
-
-def build_prompt(state: AgentState, ctx: AgentContext, opts: AgentOptions) -> list[BaseMessage]:
+def build_prompt(state: AgentState, ctx: AgentContext, opts: AgentOptions, step: str) -> list[BaseMessage]:
+    """The model's messages for a `step`: "tools" (the model may call tools: this turn's calls and results
+    stay structured, for the backend to render) or "answer" (no tools: everything folded into plain turns,
+    this turn's results stated in its user message)."""
     system = [ctx.instructions or DEFAULT_INSTRUCTIONS]
     memories = state.get("memories") or []
     if memories:
         system.append("What you remember about this user:\n" + "\n".join(f"- {t}" for t in memories))
-    if opts.tool_prompt and opts.tool_names:
-        system.append(tool_prompt(opts.tool_names))
     history = list(state["messages"])
+    if step != "answer":
+        system.append(TOOL_GUIDE + (FORCED_GUIDE if step == "forced" else ""))
+    else:  # this turn's results, in the system prompt too: a small model follows them best from both places
+        turn = current_turn(history)
+        calls = {c.get("id") or "": c for m in turn if isinstance(m, AIMessage) for c in m.tool_calls}
+        if lines := [_tool_line(m, calls) for m in turn if isinstance(m, ToolMessage)]:
+            system.append("\n".join(lines))
     trimmed = trim_messages(
         history,
         max_tokens=opts.history_tokens,
@@ -224,21 +195,47 @@ def build_prompt(state: AgentState, ctx: AgentContext, opts: AgentOptions) -> li
         allow_partial=False,
     )
     if not any(isinstance(m, HumanMessage) for m in trimmed):
-        human = last_human(history)
-        trimmed = history[history.index(human) :] if human is not None else history[-1:]
-    return [SystemMessage(content="\n\n".join(system)), *fold(trimmed)]
+        i = last_human_index(history)
+        trimmed = history[i:] if i >= 0 else history[-1:]
+    if step == "answer":
+        turns = fold(trimmed, ANSWER_NOTE)
+    else:
+        i = last_human_index(trimmed)
+        turns = [*fold(trimmed[: i + 1]), *trimmed[i + 1 :]]
+    return [SystemMessage(content="\n\n".join(system)), *turns]
+
+
+# -- did the answer use the tools' results? ----------------------------------------------------------------
+
+
+def uses_results(state: AgentState) -> bool:
+    """Whether the turn's answer contains what each of its tools returned (any of that result's key values:
+    the calculator's number, the date, a remembered fact's distinctive word). A turn whose answer ignores
+    or contradicts its tools is not summarised into memory."""
+    turn = current_turn(state["messages"])
+    if not turn or not isinstance(turn[-1], AIMessage):
+        return False
+    answer = text_of(turn[-1]).casefold()
+    human = last_human(state["messages"])
+    question = text_of(human) if human is not None else ""
+    for m in turn:
+        if isinstance(m, ToolMessage) and m.status != "error":
+            keys = answer_keys(m.name or "", text_of(m), question)
+            if keys and not any(k.casefold() in answer for k in keys):
+                return False
+    return True
 
 
 def turn_summary(state: AgentState, now: dt.datetime | None = None) -> str | None:
     msgs = state["messages"]
     human = last_human(msgs)
     answer = msgs[-1] if msgs and isinstance(msgs[-1], AIMessage) and not msgs[-1].tool_calls else None
-    if human is None or answer is None:
+    if human is None or answer is None or not text_of(answer).strip():
         return None
     day = (now or dt.datetime.now()).strftime("%Y-%m-%d")
 
     def clip(s: str, n: int = 200) -> str:
-        s = " ".join(s.split())
+        s = " ".join(s[: 4 * n].split())
         return s if len(s) <= n else s[: n - 1] + "…"
 
     said, answered = clip(text_of(human)), clip(text_of(answer))
@@ -254,6 +251,21 @@ def tool_error(e: Exception) -> str:
     if isinstance(e, EngineError):
         raise e
     return TOOL_CALL_ERROR_TEMPLATE.format(error=repr(e))
+
+
+def _usage_sum(*messages: BaseMessage) -> dict[str, Any] | None:
+    total: dict[str, Any] = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+    cached, seen = 0, False
+    for m in messages:
+        u = getattr(m, "usage_metadata", None)
+        if u:
+            seen = True
+            for k in ("input_tokens", "output_tokens", "total_tokens"):
+                total[k] += u.get(k, 0)
+            cached += (u.get("input_token_details") or {}).get("cache_read", 0) or 0
+    if not seen:
+        return None
+    return {**total, "input_token_details": {"cache_read": cached}}
 
 
 def build_graph(memory: Any | None, checkpointer: Any, opts: AgentOptions | None = None):
@@ -272,40 +284,57 @@ def build_graph(memory: Any | None, checkpointer: Any, opts: AgentOptions | None
         )
         return {"memories": [m.text for m in found]}
 
-    async def route(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
-        last = state["messages"][-1] if state["messages"] else None
-        if not isinstance(last, HumanMessage):
-            return {}
-        text = text_of(last)
-        if len(text) > INLINE_DETECT_CHARS:  # linear, but not free: keep the event loop free meanwhile
-            found = await asyncio.to_thread(intents.detect, text, memory is not None)
-        else:
-            found = intents.detect(text, memory=memory is not None)
-        if not found:
-            return {}
-        calls = [{"name": i.name, "args": i.args, "id": new_call_id(), "type": "tool_call"} for i in found]
-        return {"messages": [AIMessage(content="", tool_calls=calls)]}
+    async def answer(state: AgentState, ctx: AgentContext, before: list[BaseMessage]) -> AIMessage:
+        """The final reply, without tools; `before` are this step's earlier model replies (for usage)."""
+        reply = await ctx.model.ainvoke(build_prompt(state, ctx, opts, "answer"))
+        return AIMessage(
+            content=text_of(reply),
+            id=reply.id,
+            usage_metadata=_usage_sum(*before, reply),  # type: ignore[arg-type]
+            response_metadata=reply.response_metadata,
+        )
 
-    async def answer(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
+    async def agent(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
         ctx = runtime.context
-        reply = await ctx.model.ainvoke(build_prompt(state, ctx, opts))
-        calls = parse_tool_calls(text_of(reply), opts.tool_names)
+        rounds = sum(1 for m in current_turn(state["messages"]) if isinstance(m, AIMessage) and m.tool_calls)
+        if rounds >= opts.tool_rounds or not tools:
+            return {"messages": [await answer(state, ctx, [])]}
+        forced = opts.tool_choice == "forced" and rounds == 0
+        offered: list[Any] = [*tools, RESPOND] if forced else list(tools)
+        model = ctx.model.bind_tools(offered, tool_choice="required" if forced else "auto")
+        reply = await model.ainvoke(build_prompt(state, ctx, opts, "forced" if forced else "tools"))
+        calls = [c for c in reply.tool_calls if c["name"] in opts.tool_names]
         if calls:
-            reply = AIMessage(
-                content="",
+            msg = AIMessage(
+                content=text_of(reply),
                 tool_calls=calls,
                 id=reply.id,
-                usage_metadata=getattr(reply, "usage_metadata", None),
+                usage_metadata=reply.usage_metadata,
                 response_metadata=reply.response_metadata,
             )
-        return {"messages": [reply]}
+            return {"messages": [msg]}
+        if text_of(reply).strip():  # an answer in words (auto, or a backend that answered anyway)
+            return {
+                "messages": [
+                    AIMessage(
+                        content=text_of(reply),
+                        id=reply.id,
+                        usage_metadata=reply.usage_metadata,
+                        response_metadata=reply.response_metadata,
+                    )
+                ]
+            }
+        return {"messages": [await answer(state, ctx, [reply])]}  # `respond`, or nothing usable
 
     async def remember(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
         if memory is None or not opts.summaries:
             return {}
+        ctx = runtime.context
+        if not uses_results(state):
+            log.info("turn summary for thread %s not saved: the answer does not use its tool results", ctx.thread_id)
+            return {}
         summary = turn_summary(state)
         if summary:
-            ctx = runtime.context
             try:
                 await memory.add(ctx.scope, summary, kind="summary", thread_id=ctx.thread_id)
             except EngineError as e:  # e.g. the key's memory quota is reached: summaries are skipped
@@ -314,24 +343,18 @@ def build_graph(memory: Any | None, checkpointer: Any, opts: AgentOptions | None
                 log.warning("could not save a turn summary for thread %s: %s", ctx.thread_id, e)
         return {}
 
-    def after_route(state: AgentState) -> str:
-        last = state["messages"][-1] if state["messages"] else None
-        return "tools" if isinstance(last, AIMessage) and last.tool_calls else "answer"
-
-    def after_answer(state: AgentState) -> str:
+    def after_agent(state: AgentState) -> str:
         last = state["messages"][-1]
         return "tools" if isinstance(last, AIMessage) and last.tool_calls else "remember"
 
     g = StateGraph(AgentState, context_schema=AgentContext)
     g.add_node("recall", recall)
-    g.add_node("route", route)
+    g.add_node("agent", agent)
     g.add_node("tools", ToolNode(tools, handle_tool_errors=tool_error))
-    g.add_node("answer", answer)
     g.add_node("remember", remember)
     g.add_edge(START, "recall")
-    g.add_edge("recall", "route")
-    g.add_conditional_edges("route", after_route, {"tools": "tools", "answer": "answer"})
-    g.add_edge("tools", "answer")
-    g.add_conditional_edges("answer", after_answer, {"tools": "tools", "remember": "remember"})
+    g.add_edge("recall", "agent")
+    g.add_conditional_edges("agent", after_agent, {"tools": "tools", "remember": "remember"})
+    g.add_edge("tools", "agent")
     g.add_edge("remember", END)
     return g.compile(checkpointer=checkpointer)

@@ -3,7 +3,9 @@
 The graph runs in a task that feeds a queue; the caller's generator reads the queue against the run's
 deadline (APPLIANCE_AGENT_TIMEOUT), so a slow or looping run ends with a clear 504 `agent_timeout`, and
 a loop that never settles ends at APPLIANCE_AGENT_RECURSION_LIMIT steps with `agent_recursion_limit`.
-Only the `answer` node's tokens reach the client; a reply that turns out to be a tool call is held back.
+Only the text of the `agent` node's replies reaches the client (tool calls are in the thread, not the
+answer). A client that goes away closes this generator: the graph task is cancelled at once, and with it
+the model's engine stream, which frees the model's slot (as a plain request's disconnect does).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, Huma
 from langgraph.errors import GraphRecursionError
 
 from appliance.agent.chat_model import text_of
-from appliance.agent.graph import AgentContext, could_be_tool_call
+from appliance.agent.graph import AgentContext
 from appliance.agent.threads import title_of
 from appliance.engine.types import EngineError, Error, Event, Finish, GenerateRequest, Message, Token, Usage
 
@@ -42,33 +44,11 @@ def to_langchain(messages: list[Message]) -> tuple[list[BaseMessage], str | None
     return out, ("\n\n".join(system) if system else None)
 
 
-class AnswerFilter:
-    """Passes answer tokens through, except a reply that may be a tool call, held until it is decided."""
-
-    def __init__(self) -> None:
-        self.held = ""
-        self.passing = False
-
-    def feed(self, text: str) -> str:
-        if self.passing:
-            return text
-        self.held += text
-        if not self.held.strip() or could_be_tool_call(self.held):
-            return ""
-        self.passing, out, self.held = True, self.held, ""
-        return out
-
-    def end(self, was_tool_call: bool) -> str:
-        out = "" if was_tool_call else self.held
-        self.held, self.passing = "", False
-        return out
-
-
-async def check_thread_quota(service: Any, scope: str) -> None:
-    """429 `quota_exceeded` when `scope` already owns APPLIANCE_MAX_THREADS_PER_KEY threads. (Raised after the
-    run is admitted, as an event: a 429 before the first event would count against the agent's breaker.)"""
+async def check_thread_quota(service: Any, scope: str, n: int | None = None) -> None:
+    """429 `quota_exceeded` when `scope` already owns APPLIANCE_MAX_THREADS_PER_KEY threads (a quick check
+    before the run waits for anything; `threads.create` enforces the quota atomically)."""
     limit = service.settings.max_threads_per_key
-    if limit and (n := await service.threads.count(scope)) >= limit:
+    if limit and (n := n if n is not None else await service.threads.count(scope)) >= limit:
         raise EngineError(
             Error(
                 429,
@@ -86,7 +66,7 @@ async def _drive(
 ) -> None:
     s = service.settings
     messages, instructions = to_langchain(req.messages or [])
-    usage, reason, filt = Usage(), "stop", AnswerFilter()
+    usage, reason = Usage(), "stop"
     try:
         # Memory needs the embedding model: wait for it (bounded) before the thread records anything,
         # so a 503 `embeddings_loading` leaves no half turn behind for the client's retry.
@@ -95,7 +75,9 @@ async def _drive(
         await service.embeddings.wait_ready()
         if new:
             first = next(m for m in messages if isinstance(m, HumanMessage))
-            await service.threads.create(tid, req.scope, entry_id, title_of(text_of(first)))
+            limit = s.max_threads_per_key
+            if not await service.threads.create(tid, req.scope, entry_id, title_of(text_of(first)), limit):
+                await check_thread_quota(service, req.scope, limit)  # lost the race for the last place
         ctx = AgentContext(
             scope=req.scope, thread_id=tid, model=service.chat_model(model_id, req), instructions=instructions
         )
@@ -107,17 +89,13 @@ async def _drive(
             async for mode, data in events:
                 if mode == "messages":
                     chunk, meta = data
-                    if meta.get("langgraph_node") == "answer" and isinstance(chunk, AIMessageChunk):
-                        text = text_of(chunk)
-                        if text and (out := filt.feed(text)):
-                            emit(Token(out))
+                    if meta.get("langgraph_node") == "agent" and isinstance(chunk, AIMessageChunk) and chunk.content:
+                        emit(Token(text_of(chunk)))
                 elif mode == "updates":
-                    update = (data or {}).get("answer")
+                    update = (data or {}).get("agent")
                     if not update:
                         continue
                     reply = update["messages"][-1]
-                    if out := filt.end(bool(reply.tool_calls)):
-                        emit(Token(out))
                     u = getattr(reply, "usage_metadata", None) or {}
                     usage.prompt_tokens += u.get("input_tokens", 0)
                     usage.completion_tokens += u.get("output_tokens", 0)

@@ -16,11 +16,12 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-from appliance.agent.threads import THREAD_ID, ThreadStore, stored_id
+from appliance.agent.threads import THREAD_ID, stored_id
+from appliance.agent.threads_pg import make_thread_store
 from appliance.backends.base import BackendState, BackendStatus, NothingToLoad
 from appliance.config import Settings
 from appliance.engine.registry import ModelEntry
-from appliance.engine.types import EngineError, Error, Event, GenerateRequest, Token
+from appliance.engine.types import Admitted, EngineError, Error, Event, GenerateRequest, Token
 from appliance.memory.embeddings import EMBEDDING_MODEL_ID, EmbeddingBackend, EmbeddingService
 from appliance.memory.store import MemoryStore
 
@@ -55,10 +56,14 @@ class AgentService:
             wait=settings.embeddings_wait, threads=settings.embeddings_threads
         )
         self.memory = MemoryStore(
-            settings.data_dir / "memory", self.embeddings, max_per_scope=settings.max_memories_per_key
+            settings.data_dir / "memory",
+            self.embeddings,
+            max_per_scope=settings.max_memories_per_key,
+            url=settings.memory_url,  # a Chroma server shared by several boxes; None: embedded
         )
-        self.threads = ThreadStore(settings.data_dir / "agent" / "threads.sqlite")
+        self.threads = make_thread_store(settings)  # SQLite, or Postgres shared by several boxes
         self.model_factory = model_factory  # tests: a scripted chat model instead of the engine's
+        self.callbacks: list[Any] = []  # LangChain callbacks of every run (app.py: tracing's agent.node spans)
         self.graph: Any = None
         self.busy: set[str] = set()
         self._opening: asyncio.Task | None = None
@@ -68,7 +73,10 @@ class AgentService:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start everything in the background; returns at once."""
+        """Start everything in the background; returns at once (the first agent request calls it, unless
+        APPLIANCE_EMBEDDINGS_PRELOAD starts it once the chat model is ready)."""
+        if self._opening is not None:
+            return
         self.embeddings.scheduled = self.settings.embeddings_preload
         self.memory.start()
         self._opening = asyncio.create_task(self._open(), name="agent-open")
@@ -89,10 +97,12 @@ class AgentService:
                 memory_k=s.agent_memory_k,
                 memory_min_score=s.agent_memory_min_score,
                 history_tokens=s.agent_history_tokens,
-                tool_prompt=s.agent_tool_prompt,
+                tool_choice=s.agent_tool_choice,
+                tool_rounds=s.agent_tool_rounds,
             )
-            self.graph = build_graph(self.memory, self.threads.saver, opts)
-            log.info("agent ready (threads in %s)", self.threads.path)
+            graph = build_graph(self.memory, self.threads.saver, opts)
+            self.graph = graph.with_config(callbacks=self.callbacks) if self.callbacks else graph
+            log.info("agent ready (threads in %s)", self.threads.where)
         except Exception as e:
             self.error = f"{type(e).__name__}: {e}"
             log.exception("the agent could not start")
@@ -147,6 +157,14 @@ class AgentService:
                 code="model_not_supported",
                 param="model",
             )
+        if req.tools:
+            raise EngineError.of(
+                400,
+                f"'{req.model}' is the agent: it calls its own tools (calculator, date and time, memory) and takes "
+                "none from the client. Send `tools` to a chat model instead.",
+                code="unsupported_parameter",
+                param="tools",
+            )
         if req.thread_id is None:
             req.thread_id = "thread_" + uuid.uuid4().hex  # echoed as X-Thread-Id by the adapter
         tid = req.thread_id
@@ -159,6 +177,7 @@ class AgentService:
             )
         if not any(m.role in ("user", "tool") for m in req.messages or []):
             raise EngineError.of(400, "The agent needs at least one user message.", param="messages")
+        self.embeddings.start()  # the turn needs it for memory: load it while the graph opens
         await self.ready()
         # Thread ids are per owner (agent/threads.py): another key's `t1` is not this key's `t1`, so there
         # is no "belongs to someone else" answer to learn from. `key` is the stored id; `tid` the client's.
@@ -174,6 +193,11 @@ class AgentService:
         self.busy.add(key)  # no await since the check: nothing can slip in between
         try:
             yield Token("")  # admitted: the run's own errors (timeouts, memory) now come as events
+            try:  # on first use the embedding model loads now: bounded by its own wait, not the run's timeout
+                await self.embeddings.wait_ready()
+            except EngineError as e:
+                yield e.error
+                return
             from appliance.agent.runner import run_agent
 
             async for ev in run_agent(self, req, key, meta is None, entry_id, model_id):
@@ -196,26 +220,43 @@ class AgentBackend(NothingToLoad):
 
     def status(self) -> BackendStatus:
         svc = self.service
+        idle = svc._opening is None  # opens on its first request
         if svc.graph is not None:
             state = BackendState.READY
+        elif svc.error:
+            state = BackendState.FAILED
         else:
-            state = BackendState.FAILED if svc.error else BackendState.LOADING
+            state = BackendState.IDLE if idle else BackendState.LOADING
         return BackendStatus(
             kind="agent",
             state=state,
             loaded=False,
-            serviceable=state is BackendState.READY,
+            serviceable=state in (BackendState.READY, BackendState.IDLE),
             in_flight=len(svc.busy),
             error=svc.error,
             upstream_model=self.model_id,
             details={
-                "memory": "ready" if svc.memory.ready else (svc.memory.error or "loading"),
+                "memory": "ready" if svc.memory.ready else (svc.memory.error or ("idle" if idle else "loading")),
                 "embeddings": svc.embeddings.state,
             },
         )
 
-    def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
-        return self.service.generate(req, self.entry_id, self.model_id)
+    # The first agent request opens the agent (LangGraph, the thread store: seconds on a busy box) before its
+    # first event: that wait is bounded by OPEN_TIMEOUT (503 agent_loading), not the router's first-token
+    # timeout, so it is reported as a queue wait (Admitted once the service is ready), as llama.cpp's is.
+    queues = True
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[Event | Admitted]:
+        it = self.service.generate(req, self.entry_id, self.model_id)
+        admitted = False
+        try:
+            async for ev in it:
+                if not admitted:  # the service is open and the thread is this request's
+                    admitted = True
+                    yield Admitted()
+                yield ev
+        finally:
+            await it.aclose()
 
 
 def register_models(service: AgentService, registry: Any, agent: bool = True) -> None:

@@ -1,5 +1,7 @@
-"""Conversation threads in SQLite: LangGraph's AsyncSqliteSaver (checkpoints) plus a small `threads`
-metadata table (owner, model, title, times), in one file: `<data_dir>/agent/threads.sqlite`.
+"""Conversation threads: the store interface (`ThreadStoreLike`) and its default, SQLite: LangGraph's
+AsyncSqliteSaver (checkpoints) plus a small `threads` metadata table (owner, model, title, times), in one
+file: `<data_dir>/agent/threads.sqlite`. Several boxes share threads in Postgres instead
+(agent/threads_pg.py, APPLIANCE_THREADS_URL); `threads_pg.make_thread_store(settings)` picks one.
 
 Thread ids are namespaced by owner: the client's id `t1` of the key (scope) `key_ab12` is stored as
 `key_ab12:t1` (client ids cannot hold a colon, so the split is unambiguous), in the metadata and in the
@@ -24,7 +26,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 THREAD_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 BUSY_TIMEOUT_MS = 5000
@@ -86,11 +88,43 @@ def title_of(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+class ThreadStoreLike(Protocol):
+    """What the agent, the threads API and `appliance data` use of a thread store (SQLite or Postgres)."""
+
+    saver: Any  # the LangGraph checkpointer, once open
+
+    @property
+    def where(self) -> str: ...  # for logs: a path or a redacted URL
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def get(self, thread_id: str) -> ThreadMeta | None: ...
+    async def find(self, thread_id: str, scope: str | None) -> ThreadMeta | None: ...
+    async def create(self, thread_id: str, scope: str, model: str, title: str, limit: int = 0) -> bool:
+        """Record a new thread, unless `scope` already owns `limit` threads (0: no limit): then False.
+        The count and the insert are one atomic step, so concurrent requests cannot both take the last place."""
+        ...
+
+    async def touch(self, thread_id: str, model: str | None = None) -> None: ...
+    async def list(self, scope: str | None, limit: int, after: str | None = None) -> tuple[list[ThreadMeta], bool]: ...
+    async def count(self, scope: str) -> int: ...
+    async def scope_counts(self) -> dict[str, int]: ...
+    async def prune(self, thread_id: str) -> int: ...
+    async def move_scope(self, old: str, new: str) -> dict[str, str]: ...
+    async def delete(self, thread_id: str) -> None: ...
+
+
 class ThreadStore:
+    """The SQLite thread store (one box)."""
+
     def __init__(self, path: Path):
         self.path = path
         self.conn: Any = None
         self.saver: Any = None
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
 
     async def open(self) -> None:
         import aiosqlite
@@ -160,15 +194,21 @@ class ThreadStore:
             row = await cur.fetchone()
         return ThreadMeta(*row) if row else None
 
-    async def create(self, thread_id: str, scope: str, model: str, title: str) -> None:
+    async def create(self, thread_id: str, scope: str, model: str, title: str, limit: int = 0) -> bool:
         now = time.time()
-        async with self.saver.lock:
+        async with self.saver.lock:  # this process is the database's only writer: the lock makes it atomic
+            if limit:
+                async with self.conn.execute("SELECT count(*) FROM threads WHERE scope = ?", (scope,)) as cur:
+                    (n,) = await cur.fetchone()
+                if n >= limit:
+                    return False
             await self.conn.execute(
                 "INSERT OR IGNORE INTO threads (id, scope, model, title, created_at, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 (thread_id, scope, model, title, now, now),
             )
             await self.conn.commit()
+        return True
 
     async def touch(self, thread_id: str, model: str | None = None) -> None:
         async with self.saver.lock:

@@ -2,6 +2,9 @@
 
 The calculator never calls eval: it parses with `ast` and walks a tree that may only hold numbers,
 + - * / ** % and unary + -, with bounds on length, size, exponents and results.
+
+`answer_keys` says what an answer that uses a tool's result must contain (the graph keeps a turn out of
+memory when its answer ignores its tools; scripts/eval_agent.py scores answers the same way).
 """
 
 from __future__ import annotations
@@ -10,10 +13,11 @@ import ast
 import datetime as dt
 import math
 import operator
-from typing import Any
+from typing import Annotated, Any
 
 from langchain.tools import ToolRuntime
 from langchain_core.tools import BaseTool, ToolException, tool
+from pydantic import Field
 
 MAX_EXPRESSION = 200
 MAX_NODES = 64
@@ -89,9 +93,18 @@ def format_number(v: int | float) -> str:
     return str(v)
 
 
+# The tools' argument schemas bound what a model may write: a backend that enforces schemas with a grammar
+# (llama.cpp) makes even a tiny model write a non-empty arithmetic expression, a fact, a query.
+# (No maxLength: a grammar spells it as that many nested optional characters, which slows sampling; the
+# calculator and the memory store bound their inputs themselves.)
+Expression = Annotated[str, Field(pattern=r"^[0-9(\-][0-9+\-*/%(). ]*$", description="e.g. 12 * 7")]
+Fact = Annotated[str, Field(min_length=3, description="one sentence about the user")]
+Query = Annotated[str, Field(min_length=1)]
+
+
 @tool
-def calculator(expression: str) -> str:
-    """Evaluate an arithmetic expression with numbers, + - * / ** % and parentheses, e.g. "(3 + 4) * 12"."""
+def calculator(expression: Expression) -> str:
+    """Calculate arithmetic: an expression with numbers, + - * / ** % and parentheses, e.g. "(3 + 4) * 12"."""
     try:
         return f"{expression.strip()} = {format_number(safe_eval(expression))}"
     except CalculatorError as e:
@@ -103,21 +116,22 @@ calculator.handle_tool_error = True
 
 def now_text(now: dt.datetime | None = None) -> str:
     now = now or dt.datetime.now().astimezone()
-    return now.strftime("%A, %B %-d, %Y, %H:%M:%S") + f" (time zone {now.tzname() or 'local'}; ISO {now.isoformat()})"
+    day, zone = now.strftime("%A, %B %-d, %Y"), now.tzname() or "local time"
+    return f"Today is {day}; the time is {now:%H:%M} {zone} ({now.isoformat(timespec='seconds')})"
 
 
 @tool
 def current_datetime() -> str:
-    """The current date and time on the server."""
-    return f"It is {now_text()}."
+    """Today's date, the day of the week and the current time."""
+    return now_text() + "."
 
 
 def memory_tools(memory: Any, search_k: int = 4, max_distance: float | None = None) -> list[BaseTool]:
     """search_memory and save_memory over `memory` (a MemoryStore), scoped by the run's user."""
 
     @tool
-    async def search_memory(query: str, runtime: ToolRuntime[Any]) -> str:
-        """Search what you remember about the user (facts and earlier conversations)."""
+    async def search_memory(query: Query, runtime: ToolRuntime[Any]) -> str:
+        """Look up what the user told you before (their name, likes, facts, earlier conversations)."""
         ctx = runtime.context
         found = await memory.search(
             ctx.scope, query, k=search_k, exclude_thread=ctx.thread_id, max_distance=max_distance
@@ -127,8 +141,8 @@ def memory_tools(memory: Any, search_k: int = 4, max_distance: float | None = No
         return "\n".join(f"- {m.text}" for m in found)
 
     @tool
-    async def save_memory(fact: str, runtime: ToolRuntime[Any]) -> str:
-        """Remember a durable fact about the user for later conversations."""
+    async def save_memory(fact: Fact, runtime: ToolRuntime[Any]) -> str:
+        """Remember a fact the user tells you about themselves, e.g. "The user's name is Ada."."""
         ctx = runtime.context
         mem = await memory.add(ctx.scope, fact, kind="fact", thread_id=ctx.thread_id)
         return f"Saved to memory: {mem.text}"
@@ -141,3 +155,71 @@ def all_tools(memory: Any | None, search_k: int = 4, max_distance: float | None 
     if memory is not None:
         tools += memory_tools(memory, search_k, max_distance)
     return tools
+
+
+# -- what an answer that uses a result contains ----------------------------------------------------------
+
+_STOP_TEXT = (
+    "the a an and or of to in on at for with is are was were be been it its this that these those user user's "
+    "users said answered conversation what which who whom when where how why do does did you your i me my "
+    "mine we our they them their he she his her has have had not no yes about from into than then there"
+)
+_STOPWORDS = frozenset(_STOP_TEXT.split())
+
+
+def _datetime_keys(text: str) -> list[str]:
+    """The date and time a `current_datetime` result names, as an answer might put them."""
+    try:
+        when = dt.datetime.fromisoformat(text.rsplit("(", 1)[-1].split(")", 1)[0].strip())
+    except ValueError:
+        return []
+    day, month = when.day, when.strftime("%B")
+    return [
+        when.strftime("%Y-%m-%d"),
+        f"{month} {day}",
+        f"{day} {month}",
+        f"{month[:3]} {day}",
+        f"{day} {month[:3]}",
+        when.strftime("%A"),
+        when.strftime("%H:%M"),
+        f"{when.hour % 12 or 12}:{when.minute:02d}",
+    ]
+
+
+def _calculator_keys(text: str) -> list[str]:
+    if " = " not in text:
+        return []
+    value = text.rsplit(" = ", 1)[1].strip()
+    keys = [value]
+    try:
+        number = float(value)
+    except ValueError:
+        return keys
+    if number.is_integer() and abs(number) >= 1000:
+        keys.append(f"{int(number):,}")
+    return keys
+
+
+def _memory_keys(text: str, question: str) -> list[str]:
+    """Distinctive words of the remembered facts that the question did not already say."""
+    if not text.startswith("- "):
+        return []  # nothing was found
+    asked = {w.strip(".,!?\"'").casefold() for w in question[:2000].split()}
+    words = []
+    for w in text[:4000].split():
+        w = w.strip(".,!?:;\"'()-").casefold()
+        if len(w) >= 3 and w not in _STOPWORDS and w not in asked and not w[:1].isdigit():
+            words.append(w)
+    return list(dict.fromkeys(words))
+
+
+def answer_keys(name: str, result: str, question: str = "") -> list[str]:
+    """What an answer that uses tool `name`'s `result` contains (any one of these); [] when nothing is to be
+    checked (save_memory, nothing found, an error)."""
+    if name == "calculator":
+        return _calculator_keys(result)
+    if name == "current_datetime":
+        return _datetime_keys(result)
+    if name == "search_memory":
+        return _memory_keys(result, question)
+    return []
