@@ -43,28 +43,28 @@ class _NoEmbedder:
 
 
 def _key_names(settings: Settings) -> dict[str, str]:
-    """key id → key name, from the keys file."""
-    from appliance.security.keys import read_keys_file
+    """key id → key name, from the keys file (or the shared database's keys, APPLIANCE_DATABASE_URL)."""
+    from appliance.security.keys_db import keys_location
 
-    return {e.key_id: name for name, e in read_keys_file(settings.keys_path).keys.items()}
+    return {e.key_id: name for name, e in keys_location(settings).read().keys.items()}
 
 
 async def scope_counts(settings: Settings) -> dict[str, dict[str, int]]:
     """scope → {"threads": n, "memories": n}, for every scope holding data."""
-    from appliance.agent.threads import ThreadStore
+    from appliance.agent.threads_pg import make_thread_store
     from appliance.memory.store import MemoryStore
 
     out: dict[str, dict[str, int]] = {}
-    if _threads_path(settings).exists():
-        threads = ThreadStore(_threads_path(settings))
+    if settings.threads_db_url or _threads_path(settings).exists():
+        threads = make_thread_store(settings)  # SQLite, or Postgres shared by several boxes
         await threads.open()
         try:
             for scope, n in (await threads.scope_counts()).items():
                 out.setdefault(scope, {"threads": 0, "memories": 0})["threads"] = n
         finally:
             await threads.close()
-    if _memory_path(settings).exists():
-        memory = MemoryStore(_memory_path(settings), _NoEmbedder())
+    if settings.memory_url or _memory_path(settings).exists():
+        memory = MemoryStore(_memory_path(settings), _NoEmbedder(), url=settings.memory_url)
         try:
             for scope, n in (await memory.scope_counts()).items():
                 out.setdefault(scope, {"threads": 0, "memories": 0})["memories"] = n
@@ -75,20 +75,20 @@ async def scope_counts(settings: Settings) -> dict[str, dict[str, int]]:
 
 async def assign(settings: Settings, old: str, new: str) -> dict[str, Any]:
     """Move the threads and memories of scope `old` to scope `new`: {"threads": {old id: new id}, "memories": n}."""
-    from appliance.agent.threads import ThreadStore
+    from appliance.agent.threads_pg import make_thread_store
     from appliance.memory.store import MemoryStore
 
     moved: dict[str, str] = {}
-    if _threads_path(settings).exists():
-        threads = ThreadStore(_threads_path(settings))
+    if settings.threads_db_url or _threads_path(settings).exists():
+        threads = make_thread_store(settings)  # SQLite, or Postgres shared by several boxes
         await threads.open()
         try:
             moved = await threads.move_scope(old, new)
         finally:
             await threads.close()
     memories = 0
-    if _memory_path(settings).exists():
-        memory = MemoryStore(_memory_path(settings), _NoEmbedder())
+    if settings.memory_url or _memory_path(settings).exists():
+        memory = MemoryStore(_memory_path(settings), _NoEmbedder(), url=settings.memory_url)
         try:
             memories = await memory.move_scope(old, new, moved)
         finally:

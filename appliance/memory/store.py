@@ -1,6 +1,7 @@
 """Long-term memory in Chroma: durable facts and turn summaries, scoped per user.
 
-One `chromadb.PersistentClient` per process at `<data_dir>/memory`. Vectors come from our own embedding
+One `chromadb.PersistentClient` per process at `<data_dir>/memory`, or, for several boxes sharing memory,
+a `chromadb.HttpClient` to a Chroma server (APPLIANCE_MEMORY_URL). Vectors come from our own embedding
 service and are always passed explicitly: Chroma's default embedding function (which downloads a model)
 is never used — no call here hands Chroma text without vectors. Every read filters on `scope`, so one
 user's memories never reach another's prompts. Chroma calls are blocking; they run on one dedicated
@@ -9,6 +10,8 @@ thread, in order (the first job opens the client, so start-up never waits for th
 Quota: with `max_per_scope`, a scope (a key) holding that many memories cannot add another (429
 `quota_exceeded`); saving a memory it already has is not a new one. Counts per scope are taken once and
 then kept up to date on the memory thread, where every write runs, so the check and the write are atomic.
+On a Chroma server other nodes write too, so counts are taken afresh for every check (the quota may then
+be overshot by writes racing on two nodes).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 log = logging.getLogger("appliance.memory")
 
@@ -93,8 +97,9 @@ def quota_error(limit: int) -> Exception:
 
 
 class MemoryStore:
-    def __init__(self, path: Path, embedder: Embedder, max_per_scope: int | None = None):
+    def __init__(self, path: Path, embedder: Embedder, max_per_scope: int | None = None, url: str | None = None):
         self.path = path
+        self.url = url  # http(s)://host:port of a Chroma server; None: embedded at `path`
         self.embedder = embedder
         self.max_per_scope = max_per_scope or None  # 0/None: no limit
         self._counts: dict[str, int] = {}  # scope → memories; read and written on the memory thread only
@@ -116,18 +121,31 @@ class MemoryStore:
             import chromadb
             from chromadb.config import Settings as ChromaSettings
 
-            self.path.mkdir(parents=True, exist_ok=True)
-            self._client = chromadb.PersistentClient(
-                path=str(self.path), settings=ChromaSettings(anonymized_telemetry=False, allow_reset=False)
-            )
+            chroma_settings = ChromaSettings(anonymized_telemetry=False, allow_reset=False)
+            if self.url is not None:
+                u = urlsplit(self.url)
+                https = u.scheme == "https"
+                self._client = chromadb.HttpClient(
+                    host=u.hostname or "127.0.0.1",
+                    port=u.port or (443 if https else 8000),
+                    ssl=https,
+                    settings=chroma_settings,
+                )
+            else:
+                self.path.mkdir(parents=True, exist_ok=True)
+                self._client = chromadb.PersistentClient(path=str(self.path), settings=chroma_settings)
             self._col = self._client.get_or_create_collection(
                 COLLECTION, embedding_function=None, metadata={"hnsw:space": "cosine"}
             )
-            log.info("memory store open at %s (%d memories)", self.path, self._col.count())
+            log.info("memory store open at %s (%d memories)", self.where, self._col.count())
         except Exception as e:
             self.error = f"{type(e).__name__}: {e}"
-            log.error("memory store at %s failed to open: %s", self.path, self.error)
+            log.error("memory store at %s failed to open: %s", self.where, self.error)
             raise
+
+    @property
+    def where(self) -> str:
+        return self.url or str(self.path)
 
     @property
     def ready(self) -> bool:
@@ -180,7 +198,7 @@ class MemoryStore:
     # memory thread only ---------------------------------------------------------------------------
 
     def _scope_count(self, scope: str) -> int:
-        if scope not in self._counts:
+        if scope not in self._counts or self.url is not None:  # a server: other nodes write too
             self._counts[scope] = len(self._col.get(where={"scope": scope}, include=[])["ids"])
         return self._counts[scope]
 

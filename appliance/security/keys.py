@@ -273,6 +273,11 @@ class KeyStore:
                 ", ".join(sorted(old - set(self._keys))) or "none",
             )
 
+    def start(self) -> None:
+        """Background work, from the app's lifespan (none for the file; the database store refreshes)."""
+
+    def close(self) -> None: ...
+
     def check_reload(self) -> None:
         """Reload if the file changed (a stat call; cheap enough for every request)."""
         if self._signature() != self._sig:

@@ -1,4 +1,5 @@
-"""`appliance keys add|list|revoke|role`: manage the API keys file.
+"""`appliance keys add|list|revoke|role`: manage the API keys: the keys file, or the shared database's
+keys table when APPLIANCE_DATABASE_URL is set (security/keys_db.py; then from any node).
 
 `keys add NAME --role admin|user|metrics`: without --role the first key of an empty file is an admin (so
 a fresh install has someone who can manage models), later ones are users. Each key gets a new random id
@@ -14,22 +15,15 @@ import sys
 from pathlib import Path
 
 from appliance.config import ConfigError, load_settings
-from appliance.security.keys import (
-    NAME_PATTERN,
-    ROLES,
-    KeyEntry,
-    hash_key,
-    new_key,
-    new_key_id,
-    now_iso,
-    read_keys_file,
-    write_keys_file,
-)
+from appliance.security.keys import NAME_PATTERN, ROLES, KeyEntry, hash_key, new_key, new_key_id, now_iso
+from appliance.security.keys_db import KeysLocation, keys_location
 
 
-def _keys_path(args: argparse.Namespace) -> Path:
-    settings = load_settings(args.config, data_dir=args.data_dir, keys_file=args.keys_file)
-    return settings.keys_path
+def _keys(args: argparse.Namespace) -> KeysLocation:
+    settings = load_settings(
+        args.config, data_dir=args.data_dir, keys_file=args.keys_file, database_url=args.database_url
+    )
+    return keys_location(settings)
 
 
 def _positive(value: str) -> int:
@@ -45,8 +39,8 @@ def _positive(value: str) -> int:
 def cmd_keys_add(args: argparse.Namespace) -> int:
     if not re.match(NAME_PATTERN, args.name):
         raise ConfigError(f"invalid key name {args.name!r}: letters, digits and . _ @ - (up to 64 characters)")
-    path = _keys_path(args)
-    doc = read_keys_file(path)
+    loc = _keys(args)
+    doc = loc.read()
     if args.name in doc.keys:
         print(f"appliance: a key named {args.name!r} exists; revoke it first", file=sys.stderr)
         return 1
@@ -56,7 +50,7 @@ def cmd_keys_add(args: argparse.Namespace) -> int:
     key_id = new_key_id()
     while key_id in taken:  # pragma: no cover (96 random bits)
         key_id = new_key_id()
-    doc.keys[args.name] = KeyEntry(
+    entry = KeyEntry(
         sha256=hash_key(key),
         id=key_id,
         role=role,
@@ -66,10 +60,12 @@ def cmd_keys_add(args: argparse.Namespace) -> int:
         tokens_per_minute=args.tpm,
         max_concurrent_streams=args.max_streams,
     )
-    write_keys_file(path, doc)
+    if not loc.add(args.name, entry):  # added meanwhile (another node)
+        print(f"appliance: a key named {args.name!r} exists; revoke it first", file=sys.stderr)
+        return 1
     print(key)
     print(
-        f"key {args.name!r} ({role}, id {key_id}) added to {path}. "
+        f"key {args.name!r} ({role}, id {key_id}) added to {loc.where}. "
         "This is the only time the key is shown; store it safely.",
         file=sys.stderr,
     )
@@ -77,8 +73,8 @@ def cmd_keys_add(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
-    path = _keys_path(args)
-    doc = read_keys_file(path)
+    loc = _keys(args)
+    doc = loc.read()
     rows = [
         {
             "name": name,
@@ -96,7 +92,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
-        print(f"no API keys in {path} (auth is off)")
+        print(f"no API keys in {loc.where} (auth is off)")
         return 0
 
     def lim(v: int | None) -> str:
@@ -123,26 +119,19 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    path = _keys_path(args)
-    doc = read_keys_file(path)
-    if args.name not in doc.keys:
-        print(f"appliance: no key named {args.name!r} in {path}", file=sys.stderr)
+    loc = _keys(args)
+    if not loc.revoke(args.name):
+        print(f"appliance: no key named {args.name!r} in {loc.where}", file=sys.stderr)
         return 1
-    del doc.keys[args.name]
-    write_keys_file(path, doc)
     print(f"key {args.name!r} revoked; a running server stops accepting it at once", file=sys.stderr)
     return 0
 
 
 def cmd_keys_role(args: argparse.Namespace) -> int:
-    path = _keys_path(args)
-    doc = read_keys_file(path)
-    entry = doc.keys.get(args.name)
-    if entry is None:
-        print(f"appliance: no key named {args.name!r} in {path}", file=sys.stderr)
+    loc = _keys(args)
+    if not loc.set_role(args.name, args.role):
+        print(f"appliance: no key named {args.name!r} in {loc.where}", file=sys.stderr)
         return 1
-    doc.keys[args.name] = entry.model_copy(update={"role": args.role})
-    write_keys_file(path, doc)
     print(f"key {args.name!r} is now {args.role!r}; a running server applies it at once", file=sys.stderr)
     return 0
 
@@ -157,6 +146,9 @@ def add_keys_commands(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--data-dir", dest="data_dir", type=Path, default=None, help="(APPLIANCE_DATA_DIR)")
         p.add_argument(
             "--keys-file", dest="keys_file", type=Path, default=None, help="(APPLIANCE_KEYS_FILE; .toml or .json)"
+        )
+        p.add_argument(
+            "--database-url", dest="database_url", default=None, help="(APPLIANCE_DATABASE_URL; instead of the file)"
         )
 
     p = ksub.add_parser("add", help="create a key and print it once; only its hash is stored")

@@ -1,6 +1,8 @@
 """Per-key limits: requests per minute, tokens per minute, concurrent generation requests.
 
-Sliding 60-second windows, kept in memory (one API process). A request is admitted when its key has
+Sliding 60-second windows, kept in memory (one API process, so with several boxes each node counts on
+its own, unless APPLIANCE_LIMITS_URL puts requests and tokens in Redis: security/limits_redis.py, through
+the `limits` library). A request is admitted when its key has
 request budget left, has not used up its token budget, and has a free stream; its tokens
 (`request.state.prompt_tokens + completion_tokens`, set by the adapters) are counted when it ends, so a
 key can overshoot its token budget by the requests it already has in flight. Embedding calls count like
@@ -18,6 +20,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -84,6 +87,15 @@ class Window:
         return max(0.0, self.events[-1][0] + WINDOW - now) if self.events else 0.0
 
 
+Rejection = tuple[str, str, float] | None  # (type, message, retry_after) of a 429, None when admitted
+
+
+class Limiter(Protocol):
+    async def admit(self, name: str, key: KeyEntry, generation: bool, display: str | None = None) -> Rejection: ...
+    async def finish(self, name: str, generation: bool, tokens: int) -> None: ...
+    async def aheaders(self, name: str, key: KeyEntry) -> list[tuple[bytes, bytes]]: ...
+
+
 def _duration(seconds: float) -> str:
     """OpenAI's reset format: '1s', '6m0s', '0.5s'."""
     if seconds >= 60:
@@ -146,6 +158,21 @@ class RateLimiter:
             self.streams[name] = max(0, self.streams.get(name, 0) - 1)
         self.tokens.setdefault(name, Window()).add(self.clock(), tokens)
 
+    # The async interface the middleware uses (the Redis limiter implements the same three).
+
+    async def admit(self, name: str, key: KeyEntry, generation: bool, display: str | None = None) -> Rejection:
+        """check() and, when admitted, begin()."""
+        rejected = self.check(name, key, generation, display)
+        if rejected is None:
+            self.begin(name, generation)
+        return rejected
+
+    async def finish(self, name: str, generation: bool, tokens: int) -> None:
+        self.end(name, generation, tokens)
+
+    async def aheaders(self, name: str, key: KeyEntry) -> list[tuple[bytes, bytes]]:
+        return self.headers(name, key)
+
     def headers(self, name: str, key: KeyEntry) -> list[tuple[bytes, bytes]]:
         now = self.clock()
         r, t = self._windows(name, now)
@@ -170,7 +197,7 @@ class RateLimitMiddleware:
         self,
         app: ASGIApp,
         store: KeyStore,
-        limiter: RateLimiter | None = None,
+        limiter: Limiter | None = None,
         on_limited: Callable[[str, str], None] | None = None,
     ):
         self.app = app
@@ -188,23 +215,22 @@ class RateLimitMiddleware:
         lim = self.limiter
         generation = is_generation(scope["method"], scope["path"])
         # Windows are kept per key id: a name revoked and added again starts afresh.
-        rejected = lim.check(key_id, key, generation, name)
+        rejected = await lim.admit(key_id, key, generation, name)
         if rejected is not None:
             kind, message, retry_after = rejected
             self.on_limited(key_label(name, len(self.store)), kind)
-            headers = {k.decode(): v.decode() for k, v in lim.headers(key_id, key)}
+            headers = {k.decode(): v.decode() for k, v in await lim.aheaders(key_id, key)}
             err = Error(429, message, kind, "rate_limit_exceeded", retry_after=retry_after)
             await send_error(scope, receive, send, err, headers)
             return
-        lim.begin(key_id, generation)
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *lim.headers(key_id, key)]
+                message["headers"] = [*message.get("headers", []), *await lim.aheaders(key_id, key)]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_headers)
         finally:
             tokens = (state.get("prompt_tokens") or 0) + (state.get("completion_tokens") or 0)
-            lim.end(key_id, generation, tokens)
+            await lim.finish(key_id, generation, tokens)

@@ -6,17 +6,18 @@ leave on `scope["state"]`: `model`, `prompt_tokens`, `completion_tokens`, `embed
 background thread adds the counts to the database about once a second, so no sqlite write ever runs on
 the event loop. Closing flushes what is left.
 
-Read with `GET /v1/usage` (a user key sees its own rows, an admin everyone's) or `appliance usage`.
+Read with `GET /v1/usage` (a user key sees its own rows, an admin everyone's) or `appliance usage`
+(security/usage_cli.py).
+Several boxes keep the rows in the shared Postgres database instead (APPLIANCE_DATABASE_URL,
+security/usage_db.py): each node adds its counts to the same rows, and any node reads everyone's.
 Requests made without keys (a loopback install with none configured) are recorded with key id null.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import logging
 import sqlite3
 import threading
@@ -86,24 +87,24 @@ def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
-def _select(
-    conn: sqlite3.Connection, since: str | None, key: str | None, key_id: str | None, daily: bool
-) -> list[dict[str, Any]]:
-    """Rows per (day,) key and model, oldest day first. `key_id`: only that key; `key`: a name or an id."""
+def _select(conn: Any, since: str | None, key: str | None, key_id: str | None, daily: bool, **db: str) -> list[dict]:
+    """Rows per (day,) key and model, oldest day first. `key_id`: only that key; `key`: a name or an id.
+    `db`: `ph`, `table`, `cast`: the placeholder, table and SUM cast of Postgres (default SQLite's)."""
+    ph, table, cast = db.get("ph", "?"), db.get("table", "usage"), db.get("cast", "")
     where, args = [], []
     if since is not None:
-        where.append("day >= ?")
+        where.append(f"day >= {ph}")
         args.append(since)
     if key_id is not None:
-        where.append("key_id = ?")
+        where.append(f"key_id = {ph}")
         args.append(key_id)
     if key is not None:
-        where.append("(key_id = ? OR key_name = ?)")
+        where.append(f"(key_id = {ph} OR key_name = {ph})")
         args += [key, key]
     group = "day, key_id, model" if daily else "key_id, model"
+    sums = ", ".join(f"SUM({c}){cast}" for c in COUNTS)
     sql = (
-        f"SELECT {'day' if daily else 'MIN(day)'}, key_id, model, MAX(key_name), SUM(requests), SUM(prompt_tokens),"
-        f" SUM(completion_tokens), SUM(embedding_inputs) FROM usage"
+        f"SELECT {'day' if daily else 'MIN(day)'}, key_id, model, MAX(key_name), {sums} FROM {table}"
         f"{' WHERE ' + ' AND '.join(where) if where else ''} GROUP BY {group} ORDER BY {group}"
     )
     out = []
@@ -210,22 +211,33 @@ class UsageStore:
             if not pending:
                 return
             try:
-                conn = self._db()
-                with contextlib.closing(conn.cursor()) as cur:
-                    cur.execute("BEGIN IMMEDIATE")
-                    try:
-                        cur.executemany(_UPSERT, [(*k, *v) for k, v in pending.items()])
-                        cur.execute("COMMIT")
-                    except BaseException:
-                        cur.execute("ROLLBACK")
-                        raise
+                self._write([(*k, *v) for k, v in pending.items()])
             except Exception:
-                log.exception("usage: could not write to %s; keeping the counts for the next try", self.path)
+                log.exception("usage: could not write to %s; keeping the counts for the next try", self.where)
                 with self._lock:
                     for k, v in pending.items():
                         row = self._pending.setdefault(k, [v[0], 0, 0, 0, 0])
                         for i in range(1, 5):
                             row[i] += v[i]
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
+    def _write(self, rows: list[tuple]) -> None:
+        """Add rows (day, key id, model, name, *counts) in one transaction (under _db_lock)."""
+        conn = self._db()
+        with contextlib.closing(conn.cursor()) as cur:
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                cur.executemany(_UPSERT, rows)
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+
+    def _read(self, since: str | None, key: str | None, key_id: str | None, daily: bool) -> list[dict[str, Any]]:
+        return _select(self._db(), since, key, key_id, daily)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -235,7 +247,7 @@ class UsageStore:
         """Rows, pending counts included (blocking: call off the loop)."""
         self.flush()
         with self._db_lock:
-            return _select(self._db(), since, key, key_id, daily)
+            return self._read(since, key, key_id, daily)
 
 
 def read_usage(
@@ -290,7 +302,8 @@ class UsageMiddleware:
 
 async def usage_endpoint(request: Request) -> Response:
     """Usage per UTC day, key and model. A user key sees its own rows (`key` may only name itself); an admin
-    sees everyone's, or one key's with `?key=NAME|ID`; `?key=me` is the caller's own, for any role. `?since=YYYY-MM-DD` starts at that day."""
+    sees everyone's, or one key's with `?key=NAME|ID`; `?key=me` is the caller's own, for any role.
+    `?since=YYYY-MM-DD` starts at that day."""
     q = wire.UsageQuery.of(request.query_params)
     role = require_role(request, "admin", "user")
     store: UsageStore = request.app.state.usage
@@ -308,70 +321,3 @@ async def usage_endpoint(request: Request) -> Response:
 
 
 routes = [Route("/v1/usage", usage_endpoint, methods=["GET"])]
-
-
-# -- `appliance usage` ---------------------------------------------------------------------------
-
-
-def _day_arg(value: str) -> str:
-    try:
-        dt.date.fromisoformat(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {value!r}") from None
-    if len(value) != 10:
-        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {value!r}")
-    return value
-
-
-def cmd_usage(args: argparse.Namespace) -> int:
-    from appliance.config import load_settings
-
-    settings = load_settings(args.config, data_dir=args.data_dir)
-    path = settings.data_dir / "usage.sqlite"
-    rows = read_usage(path, args.since, args.key, daily=args.daily)
-    total = totals(rows)
-    if args.json:
-        print(json.dumps({"since": args.since, "data": rows, "totals": total}, indent=2))
-        return 0
-    if not rows:
-        print(f"no usage recorded in {path}" + (f" since {args.since}" if args.since else ""))
-        return 0
-    head = ("DAY",) if args.daily else ()
-    table = [(*head, "KEY", "ID", "MODEL", "REQUESTS", "PROMPT", "COMPLETION", "TOTAL", "EMBED_INPUTS")]
-    for r in rows:
-        table.append(
-            (
-                *((r["day"],) if args.daily else ()),
-                r["key_name"] or "-",
-                r["key_id"] or "-",
-                r["model"],
-                *(str(r[k]) for k in ("requests", "prompt_tokens", "completion_tokens", "total_tokens")),
-                str(r["embedding_inputs"]),
-            )
-        )
-    table.append(
-        (
-            *(("",) if args.daily else ()),
-            "TOTAL",
-            "",
-            "",
-            *(str(total[k]) for k in ("requests", "prompt_tokens", "completion_tokens", "total_tokens")),
-            str(total["embedding_inputs"]),
-        )
-    )
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-    return 0
-
-
-def add_usage_command(subparsers: argparse._SubParsersAction) -> None:
-    """Add `usage` to the `appliance` command."""
-    p = subparsers.add_parser("usage", help="print token and request totals per key and model")
-    p.add_argument("--key", default=None, help="only this key (its name or id)")
-    p.add_argument("--since", type=_day_arg, default=None, help="first UTC day to count, YYYY-MM-DD")
-    p.add_argument("--daily", action="store_true", help="one row per day instead of totals over the period")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--config", type=Path, help="TOML file of settings")
-    p.add_argument("--data-dir", dest="data_dir", type=Path, default=None, help="(APPLIANCE_DATA_DIR)")
-    p.set_defaults(func=cmd_usage)
