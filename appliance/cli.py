@@ -1,4 +1,4 @@
-"""The `appliance` command: serve, doctor, models, bench, keys, usage, data.
+"""The `appliance` command: serve, doctor, run, models, bench, keys, usage, data.
 
 Every `Settings` field is also a flag of `serve`, `doctor` and `models` (`context_size` is `--context-size`),
 derived from the field: its type, its `description=` and its default are what `--help` shows.
@@ -28,6 +28,7 @@ _SECTIONS = {
     "first_token_timeout": "fallback and resilience",
     "agent_enabled": "agent, threads, memory and embeddings",
     "keys_file": "security and observability",
+    "database_url": "several boxes as one service (all off by default)",
 }
 
 _PRECEDENCE = (
@@ -96,7 +97,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from appliance.observability.logging import setup_logging
-    from appliance.security.keys import check_serve_security
+    from appliance.security.keys_db import check_serve_security
 
     settings = _settings(args)  # --allow-unauthenticated is one of the settings flags
     load_models_file(settings)  # fail fast, before binding the port
@@ -113,6 +114,20 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from appliance.doctor import run_doctor
 
     return run_doctor(_settings(args))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from appliance.chat_cli import cmd_run as run_chat
+
+    settings = _settings(args)
+    serve_argv = ["--config", str(args.config)] if args.config else []  # a server it starts gets the same
+    for name in Settings.model_fields:
+        value = getattr(args, name, None)
+        if isinstance(value, bool):
+            serve_argv.append(_flag(name) if value else "--no-" + _flag(name)[2:])
+        elif value is not None:
+            serve_argv += [_flag(name), str(value)]
+    return run_chat(settings, args, serve_argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_settings_flags(p)
     p.set_defaults(func=cmd_doctor)
-    p = sub.add_parser("bench", help="benchmark against llama-cpp-python in process (see scripts/bench.py)")
+    p = sub.add_parser(
+        "run",
+        help="chat with a model in the terminal (starts the appliance if none is running)",
+        description="Chat with a model in the terminal: replies stream, the conversation is kept, /bye leaves. "
+        "Uses the appliance at --url, APPLIANCE_URL or the configured port, or starts one.",
+        epilog=_PRECEDENCE,
+    )
+    p.add_argument("model", nargs="?", default="default", help="model id or alias (default: the default model)")
+    p.add_argument("--url", help="the appliance's base URL (default: APPLIANCE_URL, else this host's --port)")
+    p.add_argument("--api-key", help="an API key (default: APPLIANCE_API_KEY)")
+    p.add_argument("--max-tokens", type=int, metavar="N", help="cap each reply at N tokens")
+    _add_settings_flags(p)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("bench", help="benchmark side by side with llama-server or another server (scripts/bench.py)")
     from appliance.bench import add_arguments
     from appliance.bench import main as bench_main
 
@@ -144,12 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     from appliance.security.keys_cli import add_keys_commands
 
     add_keys_commands(sub)
-    from appliance.security.usage import add_usage_command
+    from appliance.security.usage_cli import add_usage_command
 
     add_usage_command(sub)
     from appliance.data_cli import add_data_command
 
     add_data_command(sub)
+    from appliance.db.cli import add_db_command
+
+    add_db_command(sub)
     return parser
 
 

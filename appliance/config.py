@@ -17,8 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_MODEL_ID = "smollm2-135m-instruct"
+KVCacheType = Literal["f16", "q8_0", "q4_0", "bf16", "f32"]
 EMBEDDED_MODEL_PATH = "embedded:smollm2"
 GEMMA_MODEL_PATH = "embedded:gemma3-270m"
+_PG, _HTTP = ("postgresql", "postgres"), ("http", "https")
+_URL_SCHEMES = {"database_url": _PG, "threads_url": _PG, "memory_url": _HTTP, "limits_url": ("redis", "rediss")}
+_URL_SCHEMES["otel_endpoint"] = _HTTP
 
 
 def _default_threads() -> int:
@@ -55,10 +59,24 @@ class Settings(BaseSettings):
         default_factory=_default_threads, ge=1, description="llama.cpp compute threads; default: the physical CPU cores"
     )
     gpu_layers: int = Field(0, ge=-1, description="layers offloaded to the GPU; -1: all")
-    parallel: int = Field(4, ge=1, le=64, description="slots (concurrent sequences) per model")
+    parallel: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="slots (concurrent sequences) per model; each holds context_size tokens of KV cache "
+        "(SmolLM2 at 8192: 180 MiB f16, 96 MiB q8_0)",
+    )
     batch_size: int = Field(512, ge=16, description="tokens per llama_decode call (prefill chunk)")
-    ubatch_size: int = Field(
-        48, ge=8, description="tokens per llama.cpp compute pass; < 64 keeps outputs independent of batching"
+    ubatch_size: int | None = Field(
+        None, ge=8, description="tokens per llama.cpp compute pass; default: batch_size, or 48 when batch_invariant"
+    )
+    batch_invariant: bool = Field(
+        False,
+        description="outputs independent of batching and caching (compute passes under 64 tokens): the same "
+        "prompt gives the same tokens alone, batched or from a cache, for ~20% slower prompt processing",
+    )
+    kv_cache_type: KVCacheType = Field(
+        "f16", description="KV cache element type; q8_0 halves its memory (and turns flash attention on)"
     )
     default_max_tokens: int = Field(
         512, ge=1, description="generation cap when a request sets no max_tokens (a request may ask for more)"
@@ -102,16 +120,36 @@ class Settings(BaseSettings):
     agent_memory_k: int = Field(4, ge=0, le=50, description="memories recalled into each agent turn")
     agent_memory_min_score: float = Field(0.2, ge=-1, le=1, description="cosine similarity a recalled memory needs")
     agent_history_tokens: int = Field(3000, ge=256, description="approximate tokens of thread history in the prompt")
-    agent_tool_prompt: bool = Field(False, description="describe the tool-call format to the model")
+    agent_tool_choice: Literal["forced", "auto"] = Field(
+        "forced",
+        description="the agent's first step: `forced` makes the model call a tool or `respond` (grammar-enforced "
+        "choice, for small models); `auto` lets it call a tool or answer in text",
+    )
+    agent_tool_rounds: int = Field(
+        1, ge=0, le=20, description="model steps per turn that may call tools, before the answer; 0: no tools"
+    )
     max_threads_per_key: int = Field(
         1000, ge=0, description="agent threads one key (or user) may keep; a new one beyond is 429; 0: no limit"
     )
     max_memories_per_key: int = Field(
         10_000, ge=0, description="memories one key (or user) may keep; saving one beyond is 429; 0: no limit"
     )
-    embeddings_preload: bool = Field(True, description="load the embedding model at start (in the background)")
+    max_responses_per_key: int = Field(
+        1000,
+        ge=0,
+        description="Responses API responses one key keeps for GET and previous_response_id (oldest dropped "
+        "beyond); 0: store none",
+    )
+    embeddings_preload: bool = Field(
+        False,
+        description="load the embedding model (and the agent) in the background once the chat model is ready, "
+        "instead of on first use",
+    )
     embeddings_wait: float = Field(60.0, ge=0, description="seconds a request waits for the embedding model")
     embeddings_threads: int = Field(1, ge=1, le=64, description="CPU threads of the embedding model")
+    embeddings_nice: int = Field(
+        10, ge=0, le=19, description="CPU priority (nice) of the embedding process: generation keeps the cores"
+    )
 
     # Security and observability (appliance/security, appliance/observability)
     keys_file: Path | None = Field(None, description="API keys, TOML or JSON; default <data_dir>/keys.toml")
@@ -129,6 +167,28 @@ class Settings(BaseSettings):
         description="proxy addresses or CIDRs (comma-separated or a JSON list) whose X-Forwarded-For names the "
         "client in the access log; from any other peer the header is ignored",
     )
+
+    # Several boxes as one service (README "Several boxes"): every shared part is optional and off by default.
+    database_url: str | None = Field(None, description="postgresql://… for keys, usage (and threads); default: local")
+    threads_url: str | None = Field(None, description="postgresql://… for agent threads; default: database_url")
+    memory_url: str | None = Field(None, description="http://… of a Chroma server for memories; default: embedded")
+    limits_url: str | None = Field(None, description="redis://… for per-key limits of all nodes; default: per node")
+    otel_endpoint: str | None = Field(
+        None, description="OTLP/HTTP collector for traces, http://host:4318; default: off"
+    )
+
+    @field_validator(*_URL_SCHEMES, mode="after")
+    @classmethod
+    def _check_url(cls, v: str | None, info: Any) -> str | None:
+        schemes, v = _URL_SCHEMES[info.field_name], (v or "").strip()
+        if v and (v.partition("://")[0].lower() not in schemes or not v.partition("://")[2]):
+            raise ValueError(f"expected a {' or '.join(s + '://' for s in schemes)} URL")
+        return v or None
+
+    @property
+    def threads_db_url(self) -> str | None:
+        """Where threads live when shared: threads_url, else database_url."""
+        return self.threads_url or self.database_url
 
     @field_validator("cors_origins", mode="before")
     @classmethod
@@ -249,7 +309,12 @@ class LlamaCppBackendSpec(_Strict):
     parallel: int | None = Field(None, ge=1, le=64)
     batch_size: int | None = Field(None, ge=16)
     ubatch_size: int | None = Field(None, ge=8)
+    batch_invariant: bool | None = Field(None, description="default: the batch_invariant setting")
+    kv_cache_type: KVCacheType | None = Field(None, description="f16, q8_0, q4_0, bf16 or f32; default: the setting")
     chat_template: str | None = None
+    tool_format: Literal["generic", "native-hermes", "native-llama3"] | None = Field(
+        None, description="how the model calls tools; default: detected from its chat template"
+    )
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="checked by `appliance doctor`")
 
 

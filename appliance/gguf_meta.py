@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import gguf
-
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 
@@ -37,6 +35,8 @@ class GGUFInfo:
 
     @property
     def quantization(self) -> str:
+        import gguf  # (and numpy) only when a listing asks: the CLI and the app import this module at start
+
         try:
             return gguf.LlamaFileType(self.file_type).name.removeprefix("MOSTLY_")
         except ValueError:
@@ -111,6 +111,8 @@ def read_info(path: Path) -> GGUFInfo:
 
 def validate(path: Path) -> GGUFInfo:
     """Full check with the `gguf` library: header, tensor table and that every tensor lies inside the file."""
+    import gguf
+
     info = read_info(path)
     try:
         reader = gguf.GGUFReader(str(path))

@@ -116,7 +116,8 @@ def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None, wait:
 @pytest.fixture(scope="session")
 def appliance_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One server on the embedded default model, shared by the read-mostly tests."""
-    server = start_server(tmp_path_factory.mktemp("appliance"), "--context-size", "4096")
+    # Batch-invariant: tests compare outputs alone and batched, cold and from a cache, token for token.
+    server = start_server(tmp_path_factory.mktemp("appliance"), "--context-size", "4096", "--batch-invariant")
     yield server
     server.stop()
 

@@ -96,7 +96,7 @@ def wait_for_embeddings(server: Server, timeout: float = 180) -> None:
         if state == "ready":
             return
         assert state != "failed", entry
-        if state == "stopped":  # APPLIANCE_EMBEDDINGS_PRELOAD=0: the first request starts the loading
+        if state in ("idle", "stopped"):  # not preloaded: the first request starts the loading
             body = {"model": EMBEDDING_MODEL_ID, "input": "warm up"}
             httpx.post(f"{server.base_url}/v1/embeddings", json=body, timeout=timeout)
         time.sleep(0.25)

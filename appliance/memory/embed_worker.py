@@ -3,6 +3,9 @@
 Importing torch takes tens of seconds and hundreds of MB, holds the GIL while it does, and a crash in
 native code would take the HTTP server with it. So, like the llama.cpp workers, the model lives in a
 child started with `spawn`; the API process sends texts over a pipe and gets unit vectors back.
+
+The child lowers its own CPU priority (`nice`) before importing anything and runs torch on few threads,
+so loading it (tens of seconds of CPU) and encoding take only the cycles generation leaves idle.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ def load_sentence_transformer(threads: int = 1) -> Any:
 
     # Few threads: the llama.cpp workers need the cores, and spinning OpenMP threads on a busy box stall.
     torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # only settable before torch's first parallel work
+        torch.set_num_interop_threads(1)
     return SentenceTransformer(bundled_model_path(), device="cpu", local_files_only=True)
 
 
@@ -57,10 +62,14 @@ _OFFLINE = {
 }
 
 
-def _main(conn: Connection, threads: int) -> None:
+def _main(conn: Connection, threads: int, nice: int = 0) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # This process's own environment, set before Hugging Face's libraries read it: nothing is downloaded.
-    for name, value in _OFFLINE.items():
+    if nice > 0:  # first: importing torch is most of the CPU this process ever uses
+        with contextlib.suppress(OSError):
+            os.nice(nice)
+    # This process's own environment, set before Hugging Face's libraries and torch read it: nothing is
+    # downloaded, and OpenMP starts `threads` threads, not one per core.
+    for name, value in {**_OFFLINE, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}.items():
         os.environ.setdefault(name, value)
     try:
         model = load_sentence_transformer(threads)
@@ -85,12 +94,16 @@ def _main(conn: Connection, threads: int) -> None:
 class EmbeddingProcess:
     """A blocking proxy with `encode_with_usage(texts)`; call it from a worker thread, never the event loop."""
 
-    def __init__(self, threads: int = 1):
+    def __init__(self, threads: int = 1, nice: int = 0):
+        """Start the process; returns at once. `wait_loaded()` blocks until the model is in memory."""
         self.conn, child = _SPAWN.Pipe()
-        self.proc = _SPAWN.Process(target=_main, args=(child, threads), daemon=True, name="appliance-embeddings")
+        self.proc = _SPAWN.Process(target=_main, args=(child, threads, nice), daemon=True, name="appliance-embeddings")
         self.proc.start()
         child.close()
         self._lock = threading.Lock()
+
+    def wait_loaded(self) -> None:
+        """Block until the child has loaded the model; RuntimeError (why) if it could not."""
         kind, detail = self._recv()
         if kind != "ready":
             self.close()
@@ -125,3 +138,8 @@ class EmbeddingProcess:
         if self.proc.is_alive():
             self.proc.kill()
             self.proc.join(2)
+
+    def abort(self) -> None:
+        """Stop a child that is still loading (it reads no messages until it is ready)."""
+        self.proc.kill()
+        self.proc.join(2)

