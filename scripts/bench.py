@@ -1,7 +1,12 @@
 #!/usr/bin/env python3
-"""Benchmark the appliance against llama-cpp-python in process (same as `appliance bench`).
+"""Benchmark the appliance side by side with other OpenAI-compatible servers (same as `appliance bench`).
 
-uv run python scripts/bench.py [--threads N] [--requests 2000] [--json bench-results/bench.json]
+uv run python scripts/bench.py --llama-server /path/to/llama-server          # start both, same model
+uv run python scripts/bench.py --against other=http://127.0.0.1:8081 --pid other=1234
+uv run python scripts/bench.py --quick                                        # a functional check only
+
+Prints one column per server and the ratio appliance / other per measure; writes bench-results/bench.json.
+See `appliance/bench.py` for every option.
 """
 
 import argparse
