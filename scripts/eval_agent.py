@@ -2,7 +2,7 @@
 """Offline evaluation of the agent's tool use, through the HTTP API (the `openai` SDK, model "agent").
 
 uv run python scripts/eval_agent.py --start                      # start an appliance on a temporary data dir
-uv run python scripts/eval_agent.py --base-url http://127.0.0.1:8080 --api-key sk-...
+uv run python scripts/eval_agent.py --base-url http://127.0.0.1:8000 --api-key sk-...
 
 34 questions: arithmetic (the calculator), dates and times (current_datetime), and remember-then-recall
 (save_memory in one thread, a new thread asks: search_memory or the recalled memories). An answer scores
@@ -265,7 +265,7 @@ def summary(results: list[Result]) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base-url", default="http://127.0.0.1:8080", help="a running appliance")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="a running appliance")
     p.add_argument("--api-key", default=os.environ.get("APPLIANCE_API_KEY"), help="when the appliance has keys")
     p.add_argument("--start", action="store_true", help="start an appliance (temporary data dir) for the run")
     p.add_argument("--serve-arg", action="append", default=[], help="extra `appliance serve` argument (repeatable)")

@@ -23,7 +23,7 @@ from appliance.app import create_app
 from appliance.cli import main
 from appliance.config import Settings
 from appliance.engine.router import Engine
-from appliance.engine.types import EngineError, Error, Finish
+from appliance.engine.types import EngineError, Finish
 from appliance.memory.store import MemoryStore
 from tests.fakes import ScriptedBackend, calls, ok, scripted_registry
 from tests.test_agent_graph import WordsEmbedder, answer_of, run
@@ -172,9 +172,10 @@ async def test_thread_quota(tmp_path: Path) -> None:
     async with agent_service(tmp_path, max_threads_per_key=2) as agent:
         for tid in ("a", "b"):
             assert answer_of((await run(agent, "hello", thread=tid, user="u"))[1])
-        _, events = await run(agent, "hello", thread="c", user="u")
-        err = events[-1]
-        assert isinstance(err, Error) and err.status == 429 and err.code == "quota_exceeded"
+        with pytest.raises(EngineError) as e:  # before the stream starts: the client gets a plain 429
+            await run(agent, "hello", thread="c", user="u")
+        err = e.value.error
+        assert err.status == 429 and err.code == "quota_exceeded"
         assert "APPLIANCE_MAX_THREADS_PER_KEY" in err.message and "DELETE /v1/threads" in err.message
         assert await agent.threads.get(stored_id("u", "c")) is None
         assert answer_of((await run(agent, "again", thread="a", user="u"))[1])  # existing threads continue

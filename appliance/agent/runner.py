@@ -45,8 +45,9 @@ def to_langchain(messages: list[Message]) -> tuple[list[BaseMessage], str | None
 
 
 async def check_thread_quota(service: Any, scope: str, n: int | None = None) -> None:
-    """429 `quota_exceeded` when `scope` already owns APPLIANCE_MAX_THREADS_PER_KEY threads (a quick check
-    before the run waits for anything; `threads.create` enforces the quota atomically)."""
+    """429 `quota_exceeded` when `scope` already owns APPLIANCE_MAX_THREADS_PER_KEY threads: checked before the
+    stream starts (a plain 429: the router does not count it against the agent's breaker), and enforced
+    atomically by `threads.create` when the run records the thread."""
     limit = service.settings.max_threads_per_key
     if limit and (n := n if n is not None else await service.threads.count(scope)) >= limit:
         raise EngineError(
@@ -70,8 +71,6 @@ async def _drive(
     try:
         # Memory needs the embedding model: wait for it (bounded) before the thread records anything,
         # so a 503 `embeddings_loading` leaves no half turn behind for the client's retry.
-        if new:
-            await check_thread_quota(service, req.scope)
         await service.embeddings.wait_ready()
         if new:
             first = next(m for m in messages if isinstance(m, HumanMessage))

@@ -183,6 +183,10 @@ class AgentService:
         # is no "belongs to someone else" answer to learn from. `key` is the stored id; `tid` the client's.
         key = stored_id(req.scope, tid)
         meta = await self.threads.get(key)
+        if meta is None:  # a new thread over the key's quota: a plain 429 before the stream starts
+            from appliance.agent.runner import check_thread_quota
+
+            await check_thread_quota(self, req.scope)
         if key in self.busy:
             raise EngineError.of(
                 409,

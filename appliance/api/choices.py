@@ -30,6 +30,7 @@ from appliance.engine.types import (
     Finish,
     GenerateRequest,
     Token,
+    TokenLogprob,
     ToolCallDelta,
     Usage,
     assemble_tool_calls,
@@ -80,20 +81,22 @@ async def _close(streams: list[Stream]) -> None:
         await s.aclose()
 
 
-async def _drain(stream: Stream) -> tuple[str, list[ToolCallDelta], Finish | None, Error | None]:
+async def _drain(stream: Stream) -> tuple[str, list[ToolCallDelta], list[TokenLogprob], Finish | None, Error | None]:
     parts: list[str] = []
     calls: list[ToolCallDelta] = []
+    lps: list[TokenLogprob] = []
     try:
         async for ev in stream:
             if isinstance(ev, Token):
                 parts.append(ev.text)
+                lps += ev.logprobs or ()
             elif isinstance(ev, ToolCallDelta):
                 calls.append(ev)
             elif isinstance(ev, Finish):
-                return "".join(parts), calls, ev, None
+                return "".join(parts), calls, lps, ev, None
             elif isinstance(ev, Error):
-                return "".join(parts), calls, None, ev
-        return "".join(parts), calls, None, Error(500, "the stream ended without finishing", "server_error")
+                return "".join(parts), calls, lps, None, ev
+        return "".join(parts), calls, lps, None, Error(500, "the stream ended without finishing", "server_error")
     finally:
         await stream.aclose()
 
@@ -134,10 +137,14 @@ async def run_n(
     if err is not None:
         return error_response(err, request.url.path, h)
     wholes = []
-    for r, (text, calls, finish, _) in zip(renderers, results, strict=True):
+    for r, (text, calls, lps, finish, _) in zip(renderers, results, strict=True):
         assert finish is not None
-        wholes.append(r.whole(text, finish, assemble_tool_calls(calls)) if calls else r.whole(text, finish))
-    usage = _usage([f.usage for _, _, f, _ in results if f is not None])
+        logprobs = lps if req.params.logprobs is not None else None
+        if calls:
+            wholes.append(r.whole(text, finish, assemble_tool_calls(calls), logprobs=logprobs))
+        else:
+            wholes.append(r.whole(text, finish, logprobs=logprobs))
+    usage = _usage([f.usage for *_, f, _ in results if f is not None])
     _note(request, streams, usage)
     choices = [w.choices[0].model_copy(update={"index": i}) for i, w in enumerate(wholes)]
     return json_response(wholes[0].model_copy(update={"choices": choices, "usage": UsageOut.of(usage)}), h)

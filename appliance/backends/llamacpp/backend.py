@@ -37,7 +37,17 @@ from appliance.backends.llamacpp.tool_calls import tool_parser
 from appliance.config import LlamaCppBackendSpec, Settings
 from appliance.engine.types import Admitted, EngineError, Error, Event, Finish, GenerateRequest, Token
 
-_DETAILS = ("architecture", "parameters", "size", "name", "file_type", "n_ctx_train", "tool_format")
+_DETAILS = (
+    "architecture",
+    "parameters",
+    "size",
+    "name",
+    "file_type",
+    "n_ctx_train",
+    "tool_format",
+    "kv_cache_type",
+    "batch_invariant",
+)
 
 
 class LlamaCppBackend:
