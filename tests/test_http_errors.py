@@ -50,8 +50,8 @@ def test_malformed_json(http: httpx.Client) -> None:
         ({"model": "default", "messages": MSG, "temperature": 3}, "temperature"),
         ({"model": "default", "messages": MSG, "max_tokens": 0}, "max_tokens"),
         ({"model": "default", "messages": MSG, "max_tokens": "many"}, "max_tokens"),
-        ({"model": "default", "messages": MSG, "n": 5}, "n"),  # over the 4 slots
-        ({"model": "default", "messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"model": "default", "messages": MSG, "n": 9}, "n"),  # over the 8 slots
+        ({"model": "default", "messages": MSG, "stop": ["a"] * 17}, "stop"),  # over 16 stop strings
         ({"model": "default", "messages": MSG, "top_p": 0}, "top_p"),
     ],
 )

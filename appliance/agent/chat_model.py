@@ -12,6 +12,7 @@ OpenAI-shaped error.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -33,7 +34,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, PrivateAttr
 
 from appliance.engine.types import (
     EngineError,
@@ -135,6 +136,14 @@ class EngineChatModel(BaseChatModel):
     user: str | None = None
     principal: str | None = None
     request_id: str = ""
+    _running: set[asyncio.Task] = PrivateAttr(default_factory=set)  # tasks generating with this model now
+
+    def abort(self) -> None:
+        """Cancel this model's generations now: the agent run they belong to was stopped (its client left).
+        Each cancelled generation closes its engine stream, which tells the worker to free the slot; waiting
+        for the graph to unwind would let the current answer run on to max_tokens."""
+        for task in list(self._running):
+            task.cancel()
 
     @property
     def _llm_type(self) -> str:
@@ -165,8 +174,11 @@ class EngineChatModel(BaseChatModel):
         tools: list[Tool] | None = None,
         tool_choice: ToolChoice | None = None,
         parallel_tool_calls: bool = True,
+        max_tokens: int | None = None,
     ) -> GenerateRequest:
         params = dataclasses.replace(self.params, stop=[*self.params.stop, *(stop or [])][:4])
+        if max_tokens is not None:  # a step's own budget (a tool call), not the client's answer length
+            params.max_tokens = max_tokens
         return GenerateRequest(
             model=self.model,
             messages=to_engine_messages(messages),
@@ -193,8 +205,16 @@ class EngineChatModel(BaseChatModel):
             kwargs.get("tools"),
             kwargs.get("tool_choice"),
             kwargs.get("parallel_tool_calls", True),
+            kwargs.get("max_tokens"),
         )
-        stream = await self.engine.open(req)
+        task = asyncio.current_task()
+        if task is not None:
+            self._running.add(task)
+        try:
+            stream = await self.engine.open(req)
+        except BaseException:
+            self._running.discard(task)  # type: ignore[arg-type]
+            raise
         try:
             async for ev in stream:
                 if isinstance(ev, Token):
@@ -219,6 +239,7 @@ class EngineChatModel(BaseChatModel):
                     raise EngineError(ev)
             raise EngineError(Error(502, f"the model '{self.model}' ended without finishing", code="upstream_error"))
         finally:
+            self._running.discard(task)  # type: ignore[arg-type]
             await stream.aclose()
 
     async def _agenerate(

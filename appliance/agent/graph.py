@@ -52,6 +52,8 @@ from appliance.engine.types import EngineError, Tool
 log = logging.getLogger("appliance.agent")
 
 DEFAULT_INSTRUCTIONS = "You are a helpful assistant. Answer the user's last message briefly and accurately."
+TOOL_STEP_TOKENS = 256  # tokens a tool-calling step may take: room for any call to the agent's tools
+
 RESPOND = Tool(
     "respond",
     "Reply to the user in words, without a tool: greetings, chat, general knowledge.",
@@ -301,9 +303,12 @@ def build_graph(memory: Any | None, checkpointer: Any, opts: AgentOptions | None
             return {"messages": [await answer(state, ctx, [])]}
         forced = opts.tool_choice == "forced" and rounds == 0
         offered: list[Any] = [*tools, RESPOND] if forced else list(tools)
-        model = ctx.model.bind_tools(offered, tool_choice="required" if forced else "auto")
+        # A call gets its own token budget: the client's max_tokens is for the answer, and a call cut short
+        # by it would run with half its arguments (seen: "12" for "12 * 7" at max_tokens 24).
+        model = ctx.model.bind_tools(offered, tool_choice="required" if forced else "auto", max_tokens=TOOL_STEP_TOKENS)
         reply = await model.ainvoke(build_prompt(state, ctx, opts, "forced" if forced else "tools"))
-        calls = [c for c in reply.tool_calls if c["name"] in opts.tool_names]
+        cut = reply.response_metadata.get("finish_reason") == "length"  # an unfinished call is never run
+        calls = [] if cut else [c for c in reply.tool_calls if c["name"] in opts.tool_names]
         if calls:
             msg = AIMessage(
                 content=text_of(reply),

@@ -63,7 +63,7 @@ async def check_thread_quota(service: Any, scope: str, n: int | None = None) -> 
 
 
 async def _drive(
-    service: Any, req: GenerateRequest, tid: str, new: bool, entry_id: str, model_id: str, emit: Callable[[Event], None]
+    service: Any, req: GenerateRequest, tid: str, new: bool, entry_id: str, model: Any, emit: Callable[[Event], None]
 ) -> None:
     s = service.settings
     messages, instructions = to_langchain(req.messages or [])
@@ -77,9 +77,7 @@ async def _drive(
             limit = s.max_threads_per_key
             if not await service.threads.create(tid, req.scope, entry_id, title_of(text_of(first)), limit):
                 await check_thread_quota(service, req.scope, limit)  # lost the race for the last place
-        ctx = AgentContext(
-            scope=req.scope, thread_id=tid, model=service.chat_model(model_id, req), instructions=instructions
-        )
+        ctx = AgentContext(scope=req.scope, thread_id=tid, model=model, instructions=instructions)
         config = {"configurable": {"thread_id": tid}, "recursion_limit": s.agent_recursion_limit}
         stream = service.graph.astream(
             {"messages": messages}, config, context=ctx, stream_mode=["messages", "updates"], durability="sync"
@@ -127,7 +125,7 @@ async def run_agent(
 
     async def produce() -> None:
         try:
-            await _drive(service, req, tid, new, entry_id, model_id, queue.put_nowait)
+            await _drive(service, req, tid, new, entry_id, model, queue.put_nowait)
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -139,6 +137,7 @@ async def run_agent(
     loop = asyncio.get_running_loop()
     timeout = service.settings.agent_timeout
     deadline = loop.time() + timeout
+    model = service.chat_model(model_id, req)
     task = asyncio.create_task(produce(), name=f"agent-{tid}")
     try:
         while True:
@@ -159,6 +158,7 @@ async def run_agent(
                 return
     finally:
         if not task.done():
+            model.abort()  # the generation now, at once: the graph may take a while to unwind
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task

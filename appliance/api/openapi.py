@@ -219,6 +219,16 @@ PATHS: dict[str, dict[str, Op]] = {
 PATHS.update(parity_paths(Op))  # the Responses API, model management, the tokenizer
 
 
+_SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string", "description": "the event's name (the Responses API names its events)"},
+        "data": {"type": "string", "description": "one JSON chunk, or [DONE] at the end of a chat stream"},
+    },
+    "required": ["data"],
+}
+
+
 def _ref(model: type[BaseModel]) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{_names()[model]}"}
 
@@ -268,8 +278,10 @@ def _operation(path: str, method: str, op: Op) -> dict[str, Any]:
         content["application/json"] = {"schema": _ref(op.response) if op.response else {"type": "object"}}
     else:
         content[op.media] = {"schema": {"type": "string"}}
-    if op.stream:
-        content[op.stream] = {"schema": {"type": "string", "description": "one event or line per chunk"}}
+    if op.stream == "text/event-stream":  # the schema of each event (a JSON chunk in `data`, or [DONE])
+        content[op.stream] = {"schema": _SSE_EVENT}
+    elif op.stream:
+        content[op.stream] = {"schema": {"type": "string", "description": "one JSON object per line"}}
     ok: dict[str, Any] = {"description": op.summary, "content": content}
     if op.body is not None or op.stream:
         ok["headers"] = {"X-Appliance-Backend": _HEADER, **_RATE} if op.stream else dict(_RATE)

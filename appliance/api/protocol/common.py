@@ -68,9 +68,7 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def from_validation(e: ValidationError) -> EngineError:
-    # The most precise error: a union field (`stop`: a string or a list) fails in every branch, and
-    # pydantic's order of those errors is not fixed; the deepest location names the actual problem.
-    err = max(e.errors(), key=lambda x: len(_clean_loc(tuple(x["loc"]))))
+    err = e.errors()[0]
     kind = err["type"]
     if kind == "json_invalid":
         return client_error(400, f"The request body is not valid JSON: {err['msg']}.", "invalid_json")
