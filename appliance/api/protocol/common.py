@@ -29,6 +29,9 @@ MAX_STOPS = 16
 MAX_STOP_CHARS = 256  # per stop string, on both APIs: the worker scans every stop string at every token
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 StopList = Annotated[list[StopString], Field(max_length=MAX_STOPS)]
+# One string or a list; tried in that order, so a bad value's error always names `stop` (pydantic's default
+# "smart" union reported either branch's error first, and so named `stop` or `stop[0]` from run to run).
+Stops = Annotated[StopString | StopList | None, Field(union_mode="left_to_right")]
 
 
 class OmitNone(ResponseModel):

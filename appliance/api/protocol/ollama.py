@@ -18,8 +18,7 @@ from appliance.api.protocol.common import (
     OmitNone,
     RequestModel,
     ResponseModel,
-    StopList,
-    StopString,
+    Stops,
     client_error,
 )
 from appliance.api.protocol.ollama_tools import ToolCall, calls_out, messages_of, tool_choice
@@ -49,7 +48,7 @@ class Options(RequestModel):
     min_p: float | None = Field(None, ge=0, le=1)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     num_predict: int | None = Field(None, ge=-2, le=1 << 20, description="-1 or -2: no limit but the context")
-    stop: StopList | StopString | None = None
+    stop: Stops = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repeat_penalty: float | None = Field(None, gt=0, le=2)

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_serializer
 
-from appliance.api.protocol.common import OmitNone, RequestModel, ResponseModel, StopList, StopString, client_error
+from appliance.api.protocol.common import OmitNone, RequestModel, ResponseModel, Stops, client_error
 from appliance.api.protocol.openai_embeddings import (  # noqa: F401 (re-exported: wire.Embedding*)
     Embedding,
     EmbeddingList,
@@ -87,7 +87,7 @@ class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-Stop = StopString | StopList | None
+Stop = Stops
 
 
 class SamplingFields(RequestModel):
