@@ -88,6 +88,19 @@ def title_of(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def free_id(old_id: str, scope: str, taken: set[str]) -> str:
+    """The stored id thread `old_id` gets when it moves to `scope`: its client id there, with `-2`, `-3`, ...
+    when that is taken (the result is added to `taken`), within the 128-character bound."""
+    cid = client_id(old_id)
+    target, n = stored_id(scope, cid), 1
+    while target in taken:
+        n += 1
+        suffix = f"-{n}"
+        target = stored_id(scope, cid[: 128 - len(suffix)] + suffix)
+    taken.add(target)
+    return target
+
+
 class ThreadStoreLike(Protocol):
     """What the agent, the threads API and `appliance data` use of a thread store (SQLite or Postgres)."""
 
@@ -283,13 +296,7 @@ class ThreadStore:
         moved: dict[str, str] = {}
         async with self.saver.lock:
             for old_id in ids:
-                cid = client_id(old_id)
-                target, n = stored_id(new, cid), 1
-                while target in taken:
-                    n += 1
-                    suffix = f"-{n}"
-                    target = stored_id(new, cid[: 128 - len(suffix)] + suffix)
-                taken.add(target)
+                target = free_id(old_id, new, taken)
                 await self.conn.execute("UPDATE threads SET id = ?, scope = ? WHERE id = ?", (target, new, old_id))
                 for table in CHECKPOINT_TABLES:
                     await self.conn.execute(f"UPDATE {table} SET thread_id = ? WHERE thread_id = ?", (target, old_id))

@@ -15,7 +15,7 @@ import asyncio
 import time
 from typing import Any
 
-from appliance.agent.threads import ThreadMeta, ThreadStore, ThreadStoreLike, client_id, stored_id
+from appliance.agent.threads import ThreadMeta, ThreadStore, ThreadStoreLike, free_id, stored_id
 from appliance.config import Settings
 from appliance.db import redact
 
@@ -184,13 +184,7 @@ class PostgresThreadStore:
             cur = await conn.execute("SELECT id FROM appliance_threads WHERE scope = %s", (new,))
             taken = {r["id"] for r in await cur.fetchall()}
             for old_id in ids:
-                cid = client_id(old_id)
-                target, n = stored_id(new, cid), 1
-                while target in taken:
-                    n += 1
-                    suffix = f"-{n}"
-                    target = stored_id(new, cid[: 128 - len(suffix)] + suffix)
-                taken.add(target)
+                target = free_id(old_id, new, taken)
                 await conn.execute(
                     "UPDATE appliance_threads SET id = %s, scope = %s WHERE id = %s", (target, new, old_id)
                 )
