@@ -28,6 +28,7 @@ from appliance.api.response_store import ResponseStore
 from appliance.api.streaming import ClientDisconnected, disconnected_handler
 from appliance.backends import default_factories
 from appliance.backends.base import BackendFactory
+from appliance.backends.llamacpp.process import EarlyWorker
 from appliance.backends.llamacpp.residency import Residency
 from appliance.config import Settings, load_models_file
 from appliance.console import routes as console_routes
@@ -82,10 +83,11 @@ def create_app(
     embeddings: Any | None = None,
     agent_model_factory: Callable[..., Any] | None = None,
     tracing: Tracing | None = None,
+    early_worker: EarlyWorker | None = None,
 ) -> Starlette:
     # -- the parts ---------------------------------------------------------------------------------
     residency = Residency(settings)  # which GGUF models are in memory (load on use, keep-alive, LRU)
-    factories = backend_factories or default_factories(settings, residency)
+    factories = backend_factories or default_factories(settings, residency, early_worker)
     registry = Registry(settings, load_models_file(settings), factories)
     metrics = Metrics(settings.data_dir, _version())
     tracing = tracing or Tracing.from_settings(settings, _version())  # None unless APPLIANCE_OTEL_ENDPOINT

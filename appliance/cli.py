@@ -103,10 +103,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     load_models_file(settings)  # fail fast, before binding the port
     check_serve_security(settings)  # a valid keys file; without keys, only a loopback bind
     setup_logging(settings.log_level)  # JSON lines on stdout
+    from appliance.backends.llamacpp.process import spawn_early
+
+    early = spawn_early(settings, load_models_file(settings))  # loads while the HTTP layer imports
     from appliance.server import serve
 
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, early))
     return 0
 
 

@@ -13,6 +13,7 @@ from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
 
 from appliance.app import create_app
+from appliance.backends.llamacpp.process import EarlyWorker
 from appliance.config import Settings
 
 log = logging.getLogger("appliance")
@@ -57,8 +58,8 @@ async def _notify_when_ready(app, host: str, port: int) -> None:
     sd_notify("READY=1\nSTATUS=serving")
 
 
-async def serve(settings: Settings) -> None:
-    app = create_app(settings)
+async def serve(settings: Settings, early_worker: EarlyWorker | None = None) -> None:
+    app = create_app(settings, early_worker=early_worker)
     config = Config()
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     config.bind = [f"{host}:{settings.port}"]

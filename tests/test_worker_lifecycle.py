@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
 import signal
 import threading
 import time
 
 import httpx
+import psutil
 import pytest
 
+from appliance.backends.llamacpp.process import WorkerProcess, worker_spec
+from appliance.backends.llamacpp.supervisor import Supervisor
+from appliance.catalog import embedded_smollm2
+from appliance.config import LlamaCppBackendSpec, Settings
 from tests.conftest import Server, start_server
 
 pytestmark = pytest.mark.slow
@@ -168,3 +175,34 @@ def test_sigterm_drains_in_flight_streams(tmp_path) -> None:
         assert "draining" in s.log()
     finally:
         s.stop(signal.SIGKILL)
+
+
+def test_serve_spawns_the_worker_first_and_adopts_it(server: Server) -> None:
+    """`appliance serve` spawns the default model's worker before it imports the HTTP layer (the two overlap);
+    the supervisor adopts that process: one worker, not two."""
+    loading = re.findall(r"worker pid \d+ loading [^\"]*", server.log())
+    assert loading and "(spawned before the app was built)" in loading[0], loading
+    pids = {int(p) for p in re.findall(r"worker pid (\d+) loading", server.log())}
+    spawned = [c.pid for c in psutil.Process(server.proc.pid).children() if c.pid in pids]
+    assert spawned == [server.worker_pid()]
+
+
+def test_an_early_worker_started_differently_is_replaced(tmp_path) -> None:
+    """A worker spawned early with another spec than the model's (say the settings changed in between) is
+    stopped, and one with the model's own spec starts instead."""
+    settings = Settings(_env_file=None, data_dir=tmp_path, threads=1, context_size=512, parallel=1)
+    spec = LlamaCppBackendSpec(path="embedded:smollm2")
+    path = embedded_smollm2()[0]
+    early = WorkerProcess(worker_spec(path, spec, settings, parallel=2))  # 2 slots: not what the model gets
+
+    async def run() -> tuple[int | None, int | None]:
+        sup = Supervisor("m", spec, settings, 1, on_events=lambda e: None, on_lost=lambda e: None, early=early)
+        try:
+            await sup.wait_ready(60)
+            return sup.pid, sup.info.get("slots")
+        finally:
+            await sup.close()
+
+    pid, slots = asyncio.run(run())
+    assert pid != early.pid and slots == 1
+    assert not early.proc.is_alive()

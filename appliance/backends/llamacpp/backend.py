@@ -21,6 +21,7 @@ from typing import Any
 
 from appliance.backends.base import BackendState, BackendStatus
 from appliance.backends.llamacpp.admission import Admission
+from appliance.backends.llamacpp.process import WorkerProcess
 from appliance.backends.llamacpp.protocol import (
     Cancel,
     Events,
@@ -56,7 +57,12 @@ class LlamaCppBackend:
     queues = True
 
     def __init__(
-        self, model_id: str, spec: LlamaCppBackendSpec, settings: Settings, residency: Residency | None = None
+        self,
+        model_id: str,
+        spec: LlamaCppBackendSpec,
+        settings: Settings,
+        residency: Residency | None = None,
+        early: WorkerProcess | None = None,  # this model's worker, spawned before the app was built
     ):
         self.model_id = model_id
         self.spec = spec
@@ -75,6 +81,7 @@ class LlamaCppBackend:
             on_events=self._on_events,
             on_lost=self._on_lost,
             prepare=self._make_room if residency is not None else None,
+            early=early,
         )
         self._streams: dict[str, asyncio.Queue] = {}  # generation id -> its events
         self._holds = 0  # load() calls waiting for the worker: busy, so keep-alive leaves it alone

@@ -15,9 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing as mp
 import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -27,6 +25,7 @@ import psutil
 
 from appliance.backends.base import BackendState
 from appliance.backends.llamacpp import worker as worker_mod
+from appliance.backends.llamacpp.process import WorkerProcess, worker_spec
 from appliance.backends.llamacpp.protocol import (
     Events,
     Fatal,
@@ -34,7 +33,6 @@ from appliance.backends.llamacpp.protocol import (
     Ready,
     Stats,
     StatsRequest,
-    Stop,
     TokenizeRequest,
     TokenizeResult,
     ToWorker,
@@ -45,59 +43,7 @@ from appliance.config import LlamaCppBackendSpec, Settings
 from appliance.engine.types import EngineError, Error
 
 log = logging.getLogger("appliance.llamacpp")
-_SPAWN = mp.get_context("spawn")
 RETRY_FAILED_AFTER = 10.0  # seconds a failed load is reported as is before a request tries again
-
-
-class WorkerProcess:
-    """One worker process and the thread that reads its pipe."""
-
-    def __init__(self, spec: dict[str, Any], loop: asyncio.AbstractEventLoop, on_message, on_exit):
-        self.loop = loop
-        self._on_message = on_message
-        self._on_exit = on_exit
-        self.conn, child = _SPAWN.Pipe()
-        self.proc = _SPAWN.Process(target=worker_mod.main, args=(child, spec), daemon=True)
-        self.proc.start()
-        child.close()
-        self._send_lock = threading.Lock()
-        threading.Thread(target=self._read, name=f"worker-reader-{self.proc.pid}", daemon=True).start()
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid
-
-    def send(self, msg: ToWorker) -> bool:
-        try:
-            with self._send_lock:
-                self.conn.send(msg)
-            return True
-        except (OSError, ValueError):
-            return False
-
-    def _read(self) -> None:
-        try:
-            while True:
-                msg = self.conn.recv()
-                self._call(self._on_message, self, msg)
-        except (EOFError, OSError):
-            pass
-        self.proc.join()
-        self._call(self._on_exit, self, self.proc.exitcode)
-
-    def _call(self, fn, *args) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is closed: we are shutting down
-            self.loop.call_soon_threadsafe(fn, *args)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Ask the worker to exit; kill it if it does not."""
-        self.send(Stop())
-        self.proc.join(timeout)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(2)
-        with contextlib.suppress(OSError):
-            self.conn.close()
 
 
 class Supervisor:
@@ -110,6 +56,7 @@ class Supervisor:
         on_events: Callable[[Events], None],
         on_lost: Callable[[Error], None],
         prepare: Callable[[], Awaitable[None]] | None = None,
+        early: WorkerProcess | None = None,
     ):
         self.model_id = model_id
         self.spec = spec
@@ -124,6 +71,7 @@ class Supervisor:
         self.restarts = 0
         self.path: Path | None = None
         self._worker: WorkerProcess | None = None
+        self._early = early  # spawned before the app was built (`appliance serve`): adopted by the first start
         self._changed = asyncio.Event()  # replaced after each set: waiters see every change
         self._stats_waiters: list[asyncio.Future] = []
         self._tokenize_waiters: dict[str, asyncio.Future] = {}  # TokenizeRequest id -> its result
@@ -193,26 +141,19 @@ class Supervisor:
             await self._prepare()
         if self._closing or self.state is not BackendState.LOADING:
             return
-        self._worker = WorkerProcess(self._worker_spec(), asyncio.get_running_loop(), self._on_message, self._on_exit)
-        log.info("model %s: worker pid %s loading %s", self.model_id, self._worker.pid, self.path)
+        w, self._early = self._early, None
+        if w is not None and w.spec != self._worker_spec():  # not what this start would spawn: start afresh
+            await asyncio.to_thread(w.stop)
+            w = None
+        early = w is not None
+        w = w or WorkerProcess(self._worker_spec())
+        self._worker = w
+        w.attach(asyncio.get_running_loop(), self._on_message, self._on_exit)
+        how = " (spawned before the app was built)" if early else ""
+        log.info("model %s: worker pid %s loading %s%s", self.model_id, w.pid, self.path, how)
 
     def _worker_spec(self) -> dict[str, Any]:
-        s, spec = self.settings, self.spec
-        return {
-            "path": str(self.path),
-            "context_size": spec.context_size or s.context_size,
-            "threads": spec.threads or s.threads,
-            "gpu_layers": spec.gpu_layers if spec.gpu_layers is not None else s.gpu_layers,
-            "parallel": self.parallel,
-            "batch_size": spec.batch_size or s.batch_size,
-            "ubatch_size": spec.ubatch_size or s.ubatch_size,
-            "batch_invariant": s.batch_invariant if spec.batch_invariant is None else spec.batch_invariant,
-            "kv_cache_type": spec.kv_cache_type or s.kv_cache_type,
-            "chat_template": spec.chat_template,
-            "tool_format": spec.tool_format,
-            "stream_interval": s.stream_interval,
-            "verbose": s.log_level == "debug",
-        }
+        return worker_spec(self.path, self.spec, self.settings, self.parallel)  # type: ignore[arg-type]
 
     def _fail(self, message: str) -> None:
         log.error("model %s failed to load: %s", self.model_id, message)
@@ -241,9 +182,10 @@ class Supervisor:
         self._set(BackendState.STOPPED)
         if self._start_task is not None:
             self._start_task.cancel()
-        w, self._worker = self._worker, None
-        if w is not None:
-            await asyncio.to_thread(w.stop)
+        for w in (self._worker, self._early):
+            if w is not None:
+                await asyncio.to_thread(w.stop)
+        self._worker = self._early = None
         self._on_lost(Error(503, "The appliance is shutting down.", "server_error", "shutting_down", retry_after=1.0))
 
     # -- pipe callbacks (event loop thread) ---------------------------------------------------------

@@ -1,0 +1,125 @@
+"""A model worker's process: spawned (the `spawn` context: no inherited threads or locks) and, once an event
+loop is there to hear it, attached to a thread that reads its pipe.
+
+Spawning and attaching are two steps so that `appliance serve` can spawn the default model's worker before
+it imports the HTTP layer (`spawn_early`): the worker's own imports and model load (about 1 s on 2 cores)
+then overlap the API process's imports (about 0.8 s) instead of following them. Whatever the worker sends
+meanwhile (its `Ready`) waits in the pipe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing as mp
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.backends.llamacpp import worker as worker_mod
+from appliance.backends.llamacpp.protocol import Stop, ToWorker
+from appliance.catalog import ModelFileError, peek_model_path
+from appliance.config import ConfigError, LlamaCppBackendSpec, ModelsFile, Settings
+
+_SPAWN = mp.get_context("spawn")
+
+
+def worker_spec(path: Path, spec: LlamaCppBackendSpec, settings: Settings, parallel: int) -> dict[str, Any]:
+    """What the worker is started with: the model's own settings over the global ones."""
+    s = settings
+    return {
+        "path": str(path),
+        "context_size": spec.context_size or s.context_size,
+        "threads": spec.threads or s.threads,
+        "gpu_layers": spec.gpu_layers if spec.gpu_layers is not None else s.gpu_layers,
+        "parallel": parallel,
+        "batch_size": spec.batch_size or s.batch_size,
+        "ubatch_size": spec.ubatch_size or s.ubatch_size,
+        "batch_invariant": s.batch_invariant if spec.batch_invariant is None else spec.batch_invariant,
+        "kv_cache_type": spec.kv_cache_type or s.kv_cache_type,
+        "chat_template": spec.chat_template,
+        "tool_format": spec.tool_format,
+        "stream_interval": s.stream_interval,
+        "verbose": s.log_level == "debug",
+    }
+
+
+class WorkerProcess:
+    """One worker process and, once attached, the thread that reads its pipe."""
+
+    def __init__(self, spec: dict[str, Any]):
+        self.spec = spec
+        self.conn, child = _SPAWN.Pipe()
+        self.proc = _SPAWN.Process(target=worker_mod.main, args=(child, spec), daemon=True)
+        self.proc.start()
+        child.close()
+        self._send_lock = threading.Lock()
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def attach(self, loop: asyncio.AbstractEventLoop, on_message, on_exit) -> None:
+        """Deliver the worker's messages, and its exit, as calls on `loop`."""
+        self.loop, self._on_message, self._on_exit = loop, on_message, on_exit
+        threading.Thread(target=self._read, name=f"worker-reader-{self.proc.pid}", daemon=True).start()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid
+
+    def send(self, msg: ToWorker) -> bool:
+        try:
+            with self._send_lock:
+                self.conn.send(msg)
+            return True
+        except (OSError, ValueError):
+            return False
+
+    def _read(self) -> None:
+        try:
+            while True:
+                msg = self.conn.recv()
+                self._call(self._on_message, self, msg)
+        except (EOFError, OSError):
+            pass
+        self.proc.join()
+        self._call(self._on_exit, self, self.proc.exitcode)
+
+    def _call(self, fn, *args) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: we are shutting down
+            self.loop.call_soon_threadsafe(fn, *args)  # type: ignore[union-attr]
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the worker to exit; kill it if it does not."""
+        self.send(Stop())
+        self.proc.join(timeout)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(2)
+        with contextlib.suppress(OSError):
+            self.conn.close()
+
+
+@dataclass
+class EarlyWorker:
+    """The default model's worker, spawned before the app exists; its supervisor adopts it."""
+
+    model_id: str
+    process: WorkerProcess
+
+
+def spawn_early(settings: Settings, models: ModelsFile) -> EarlyWorker | None:
+    """Spawn the default model's first backend's worker now, if it is a llama.cpp model whose file is on disk
+    (nothing to assemble or download). None otherwise: the supervisor spawns it as usual."""
+    spec = next((m for m in models.models if settings.default_model in (m.id, *m.aliases)), None)
+    backend = spec.backends[0] if spec is not None and spec.backends else None
+    if not isinstance(backend, LlamaCppBackendSpec):
+        return None
+    try:
+        path = peek_model_path(backend.path, settings.models_dir)
+        if path is None:
+            return None
+        worker_mod.check_gguf(str(path))
+    except (ModelFileError, ConfigError, ValueError, OSError):
+        return None  # the supervisor reports it, the usual way
+    parallel = backend.parallel or settings.parallel
+    return EarlyWorker(spec.id, WorkerProcess(worker_spec(path, backend, settings, parallel)))  # type: ignore[union-attr]
