@@ -321,6 +321,41 @@ async def test_stored_responses_are_per_key_and_bounded(tmp_path) -> None:
     assert mine == [404, 200, 200]  # the oldest went when the third was stored
 
 
+async def test_input_items_list_the_request_input(tmp_path, openai_schema) -> None:
+    """GET /v1/responses/{id}/input_items: this request's input (not the chained context) as OpenAI's items,
+    paged with limit/after in either order; the same ids on every read; another key's response is 404."""
+    keys = tmp_path / "keys.toml"
+    a, b = add_key(keys, "alice"), add_key(keys, "bob")
+    ha, hb = {"Authorization": f"Bearer {a}"}, {"Authorization": f"Bearer {b}"}
+    async with client(tmp_path, CALL, TEXT) as c:
+        first = (await c.post("/v1/responses", json={"input": "weather?", "tools": [TOOL]}, headers=ha)).json()
+        items_in = [
+            {"role": "user", "content": "and in Rome?"},
+            {"type": "function_call", "call_id": "call_r", "name": "get_weather", "arguments": '{"city": "Rome"}'},
+            {"type": "function_call_output", "call_id": "call_r", "output": "rain"},
+        ]
+        body = {"input": items_in, "previous_response_id": first["id"], "tools": [TOOL], "instructions": "be brief"}
+        second = (await c.post("/v1/responses", json=body, headers=ha)).json()
+        url = f"/v1/responses/{second['id']}/input_items"
+        asc = (await c.get(url, params={"order": "asc"}, headers=ha)).json()
+        desc = (await c.get(url, headers=ha)).json()
+        page1 = (await c.get(url, params={"order": "asc", "limit": 2}, headers=ha)).json()
+        page2 = (await c.get(url, params={"order": "asc", "after": page1["last_id"]}, headers=ha)).json()
+        theirs = await c.get(url, headers=hb)
+        bad = await c.get(url, params={"limit": 0}, headers=ha)
+        oc = openai.AsyncOpenAI(base_url="http://x/v1", api_key=a, http_client=c, max_retries=0)
+        sdk_items = [item async for item in oc.responses.input_items.list(second["id"], order="asc")]
+    openai_schema("ResponseItemList", asc)
+    assert [i["type"] for i in asc["data"]] == ["message", "function_call", "function_call_output"]
+    assert asc["data"][0]["content"] == [{"type": "input_text", "text": "and in Rome?"}]
+    assert asc["data"][1]["call_id"] == "call_r" and asc["data"][2]["output"] == "rain"
+    assert desc["data"] == asc["data"][::-1] and not asc["has_more"]
+    assert [i["id"] for i in page1["data"] + page2["data"]] == [i["id"] for i in asc["data"]]
+    assert page1["has_more"] and not page2["has_more"]
+    assert [i.id for i in sdk_items] == [i["id"] for i in asc["data"]]
+    assert theirs.status_code == 404 and bad.status_code == 400 and bad.json()["error"]["param"] == "limit"
+
+
 # -- fast: the openai SDK over the same app ---------------------------------------------------------------
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from appliance.api.protocol import extras, responses, responses_out
+from appliance.api.protocol import extras, responses, responses_items, responses_out
 
 GENERATION = (400, 401, 404, 413, 429, 500, 502, 503, 504)
 MANAGE = (400, 401, 403, 404, 413, 429, 500)  # model management: admin keys only
@@ -31,6 +31,15 @@ def parity_paths(op: Any) -> dict[str, dict[str, Any]]:
             "delete": op(
                 "deleteResponse", "Delete a stored response", responses_out.ResponseDeleted, errors=(401, 404)
             ),
+        },
+        "/v1/responses/{response_id}/input_items": {
+            "get": op(
+                "listInputItems",
+                "A stored response's input items (this key's own)",
+                responses_items.ItemList,
+                query=responses_items.ItemsQuery,
+                errors=(400, 401, 404),
+            )
         },
         "/api/pull": {
             "post": op(

@@ -2,10 +2,10 @@
 `previous_response_id` continues from.
 
 `<data_dir>/responses.sqlite`, one row per response: its owner (the API key's id; "" when no keys are
-configured), the response object as sent, and the conversation it ended (internal messages as JSON), so a
-chained request needs one read. Each owner keeps at most `max_per_owner` responses (the setting
-APPLIANCE_MAX_RESPONSES_PER_KEY): the oldest go first; 0 stores none. Another owner's id reads as absent.
-sqlite runs on a worker thread, never on the event loop.
+configured), the response object as sent, the conversation it ended (internal messages as JSON), so a
+chained request needs one read, and the request's own input (`GET /v1/responses/{id}/input_items`). Each
+owner keeps at most `max_per_owner` responses (the setting APPLIANCE_MAX_RESPONSES_PER_KEY): the oldest go
+first; 0 stores none. Another owner's id reads as absent. sqlite runs on a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS responses (
     owner TEXT NOT NULL,
     created REAL NOT NULL,
     body TEXT NOT NULL,
-    context TEXT NOT NULL
+    context TEXT NOT NULL,
+    input TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS responses_by_owner ON responses (owner, created);
 """
@@ -59,6 +60,7 @@ def messages_from_json(text: str) -> list[Message]:
 class Stored:
     body: str  # the response object's JSON
     context: list[Message]
+    input: list[Message]  # the request's own input items, as internal messages
 
 
 class ResponseStore:
@@ -75,17 +77,20 @@ class ResponseStore:
             conn.execute("PRAGMA busy_timeout=5000")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(_SCHEMA)
+            if "input" not in {r[1] for r in conn.execute("PRAGMA table_info(responses)")}:  # a store from 0.x
+                conn.execute("ALTER TABLE responses ADD COLUMN input TEXT NOT NULL DEFAULT '[]'")
             self._conn = conn
         return self._conn
 
-    def _put(self, owner: str, rid: str, body: str, context: str) -> None:
+    def _put(self, owner: str, rid: str, body: str, context: str, input: str) -> None:
         with self._lock:
             db = self._db()
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.execute(
-                    "INSERT OR REPLACE INTO responses (id, owner, created, body, context) VALUES (?, ?, ?, ?, ?)",
-                    (rid, owner, time.time(), body, context),
+                    "INSERT OR REPLACE INTO responses (id, owner, created, body, context, input) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (rid, owner, time.time(), body, context, input),
                 )
                 db.execute(
                     "DELETE FROM responses WHERE owner = ? AND id NOT IN "
@@ -97,22 +102,23 @@ class ResponseStore:
                 db.execute("ROLLBACK")
                 raise
 
-    def _get(self, owner: str, rid: str) -> tuple[str, str] | None:
+    def _get(self, owner: str, rid: str) -> tuple[str, str, str] | None:
         with self._lock:
-            row = self._db().execute("SELECT body, context FROM responses WHERE id = ? AND owner = ?", (rid, owner))
+            db = self._db()
+            row = db.execute("SELECT body, context, input FROM responses WHERE id = ? AND owner = ?", (rid, owner))
             return row.fetchone()
 
     def _delete(self, owner: str, rid: str) -> bool:
         with self._lock:
             return self._db().execute("DELETE FROM responses WHERE id = ? AND owner = ?", (rid, owner)).rowcount > 0
 
-    async def put(self, owner: str, rid: str, body: str, context: list[Message]) -> None:
+    async def put(self, owner: str, rid: str, body: str, context: list[Message], input: list[Message]) -> None:
         if self.max_per_owner > 0:
-            await asyncio.to_thread(self._put, owner, rid, body, messages_to_json(context))
+            await asyncio.to_thread(self._put, owner, rid, body, messages_to_json(context), messages_to_json(input))
 
     async def get(self, owner: str, rid: str) -> Stored | None:
         row = await asyncio.to_thread(self._get, owner, rid)
-        return None if row is None else Stored(row[0], messages_from_json(row[1]))
+        return None if row is None else Stored(row[0], messages_from_json(row[1]), messages_from_json(row[2]))
 
     async def delete(self, owner: str, rid: str) -> bool:
         return await asyncio.to_thread(self._delete, owner, rid)

@@ -1,4 +1,4 @@
-"""OpenAI's Responses API: POST /v1/responses, GET and DELETE /v1/responses/{id}.
+"""OpenAI's Responses API: POST /v1/responses, GET and DELETE /v1/responses/{id}, GET …/{id}/input_items.
 
 Thin: parse (api/protocol/responses.py) → engine → render (api/protocol/responses_out.py) → frame. Stored
 responses (api/response_store.py) belong to the API key that made them; another key gets 404.
@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from appliance.api.errors import client_error, error_response
 from appliance.api.protocol import responses as wire
+from appliance.api.protocol import responses_items as items
 from appliance.api.protocol import responses_out as out
 from appliance.api.protocol.common import parse
 from appliance.api.response_store import ResponseStore
@@ -55,7 +56,7 @@ async def create(request: Request) -> Response:
         final = renderer.final
         if body.store and final is not None:
             turns = convo + out.output_messages(final.output)
-            await _store(request).put(owner, final.id, final.model_dump_json(), turns)
+            await _store(request).put(owner, final.id, final.model_dump_json(), turns, convo[len(context) :])
 
     if body.stream:
 
@@ -87,6 +88,15 @@ async def get(request: Request) -> Response:
     return Response(stored.body, media_type="application/json")
 
 
+async def input_items(request: Request) -> Response:
+    rid = request.path_params["response_id"]
+    q = items.ItemsQuery.of(request.query_params)
+    stored = await _store(request).get(_owner(request), rid)
+    if stored is None:
+        raise _not_found(rid)
+    return json_response(items.page(items.input_items(rid, stored.input), q))
+
+
 async def delete(request: Request) -> Response:
     rid = request.path_params["response_id"]
     if not await _store(request).delete(_owner(request), rid):
@@ -98,4 +108,5 @@ routes = [
     Route("/v1/responses", create, methods=["POST"]),
     Route("/v1/responses/{response_id}", get, methods=["GET"]),
     Route("/v1/responses/{response_id}", delete, methods=["DELETE"]),
+    Route("/v1/responses/{response_id}/input_items", input_items, methods=["GET"]),
 ]
