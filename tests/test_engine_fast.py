@@ -211,6 +211,21 @@ async def test_a_failed_probe_opens_the_breaker_for_another_cool_down() -> None:
     assert len(a.calls) == 2  # still cooling down
 
 
+async def test_a_probe_that_gets_a_client_error_leaves_the_circuit_usable() -> None:
+    """The client's own 400 during the half-open probe says nothing about the backend: the next request
+    probes again (before, the probe stayed 'in flight' forever and the circuit never closed)."""
+    a = ScriptedBackend("a", [fail(), bad_request("logit_bias")], default=ok("a is back"))
+    engine, clock, _ = make(a, breaker_failures=1, breaker_cooldown=10.0, retries=0)
+    with pytest.raises(EngineError):
+        await engine.open(req())
+    clock.advance(10.0)
+    with pytest.raises(EngineError) as e:
+        await engine.open(req())  # the probe: the client's mistake
+    assert e.value.error.status == 400
+    backend, text, _ = await collect(engine)
+    assert (backend, text) == ("a", "a is back") and engine.breaker(a).state == "closed"
+
+
 def test_half_open_lets_one_probe_through_at_a_time() -> None:
     clock = FakeClock()
     br = CircuitBreaker(1, 5.0, clock)

@@ -75,6 +75,10 @@ class CircuitBreaker:
     def success(self) -> None:
         self.failures, self.opened_at, self._probing = 0, None, False
 
+    def release(self) -> None:
+        """The request ended neither way (the client's own 400): a half-open probe may go again."""
+        self._probing = False
+
     def failure(self) -> None:
         self.failures += 1
         self._probing = False
@@ -199,6 +203,7 @@ class Engine:
                     break
                 except EngineError as e:
                     if not is_backend_failure(e.error):
+                        breaker.release()  # else a probe that got a client error leaves the circuit stuck open
                         raise  # the request itself is wrong: no other backend will like it better
                     last = e.error
                     if e.error.code in ("queue_full", "queue_timeout"):
