@@ -259,3 +259,34 @@ def test_logit_bias_bans_and_forces_tokens(oai: openai.OpenAI, appliance_server:
         f"{appliance_server.base_url}/v1/chat/completions", json={**CHAT, "logit_bias": {"99999999": 1}}, timeout=60
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", r.text
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24}}},
+    },
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("choice", ["none", "auto"])
+def test_chat_logprobs_with_tools_and_a_text_answer(oai: openai.OpenAI, choice: str) -> None:
+    """With tools, the text goes through the tool-call parser (`auto`) or not (`none`): either way the
+    content's tokens keep their log-probabilities, and they join back into the content."""
+    kw: dict[str, Any] = dict(
+        model="default", messages=MSGS, max_tokens=12, temperature=0, logprobs=True, top_logprobs=2
+    )
+    r = oai.chat.completions.create(tools=[WEATHER_TOOL], tool_choice=choice, **kw)  # type: ignore[arg-type]
+    msg = r.choices[0].message
+    assert not msg.tool_calls and msg.content, msg  # a plain answer: the capital of France needs no weather
+    entries = r.choices[0].logprobs.content
+    check_entries(entries, 2)
+    assert bytes(b for e in entries for b in e.bytes).decode() == msg.content
+    chunks = list(oai.chat.completions.create(tools=[WEATHER_TOOL], tool_choice=choice, stream=True, **kw))  # type: ignore[arg-type]
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == msg.content

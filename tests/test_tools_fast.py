@@ -4,8 +4,10 @@ scripted backend."""
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
+import re
 
 import httpx
 import openai
@@ -14,6 +16,7 @@ import pytest
 from appliance.api.protocol import ollama as ollama_wire
 from appliance.api.protocol import openai as openai_wire
 from appliance.app import create_app
+from appliance.backends.llamacpp.backend import LogprobSpans
 from appliance.backends.llamacpp.chat_format import ChatFormatter
 from appliance.backends.llamacpp.grammar import UnsupportedSchema, tool_gbnf
 from appliance.backends.llamacpp.tool_calls import (
@@ -28,6 +31,7 @@ from appliance.engine.types import (
     Finish,
     Message,
     Token,
+    TokenLogprob,
     Tool,
     ToolCall,
     ToolCallDelta,
@@ -113,6 +117,71 @@ def test_llama3_json_reply(step: int) -> None:
     assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Oslo"}
     assert text_of(parse("native-llama3", "The answer is {4}.", step)) == "The answer is {4}."
     assert text_of(parse("native-llama3", '{"answer": 4}', step)) == '{"answer": 4}'  # JSON, but no call
+
+
+# -- logprobs through the parser -----------------------------------------------------------------
+
+
+def parse_lps(fmt: str, tokens: list[str | bytes], lag: bool = False) -> list[Token | ToolCallDelta]:
+    """Feed `tokens` as the worker sends them: each token's text with its logprob entry (logprob -i for
+    token i; a token that is part of a character as OpenAI's `bytes:` form), through the backend's span
+    tracking. `lag`: each entry comes one event after its text (a tail the worker's stop filter held)."""
+    spans = LogprobSpans()
+    p = ToolCallParser(fmt, new_id=lambda: "call_0", logprobs=spans.take)
+    dec = codecs.getincrementaldecoder("utf-8")("replace")
+    events: list[tuple[str, list[TokenLogprob]]] = []
+    for i, t in enumerate(tokens):
+        raw = t if isinstance(t, bytes) else t.encode()
+        name = "bytes:" + "".join(f"\\x{c:02x}" for c in raw) if isinstance(t, bytes) else t
+        events.append((dec.decode(raw), [TokenLogprob(name, -float(i))]))
+    if lag:
+        events = [(text, events[i - 1][1] if i else []) for i, (text, _) in enumerate(events)] + [("", events[-1][1])]
+    out: list[Token | ToolCallDelta] = []
+    for text, entries in events:
+        spans.add(entries)
+        if late := spans.late():
+            out.append(Token("", late))
+        out += p.feed(text)
+    return out + p.close()
+
+
+def joined(events: list) -> str:
+    """The content's tokens joined back into text (split characters reassembled from their bytes)."""
+    raw = b"".join(
+        bytes(int(h, 16) for h in re.findall(r"\\x([0-9a-f]{2})", e.token))
+        if e.token.startswith("bytes:")
+        else e.token.encode()
+        for ev in events
+        if isinstance(ev, Token)
+        for e in ev.logprobs or ()
+    )
+    return raw.decode()
+
+
+@pytest.mark.parametrize("lag", [False, True])
+def test_content_around_a_call_keeps_its_tokens_logprobs(lag: bool) -> None:
+    tokens: list[str | bytes] = ["Sure", ".", "\n<", "tool", "_call", ">\n", '{"name": "f", ', '"arguments": ']
+    tokens += ['{"a": 1}}', "\n</tool_call>", "\n", "Done", " ", b"\xe2\x82", b"\xac", "!"]
+    events = parse_lps("generic", tokens, lag)
+    assert text_of(events) == "Sure.\nDone €!" and calls_of(events)[0].arguments == '{"a": 1}'
+    assert joined(events) == text_of(events)  # the call's tokens (and the dropped "\n<") have none
+    got = [e.logprob for ev in events if isinstance(ev, Token) for e in ev.logprobs or ()]
+    assert got == [-0.0, -1.0, -10.0, -11.0, -12.0, -13.0, -14.0, -15.0]  # each once, in order
+    if not lag:  # every entry rides with the text it came from
+        assert not any(ev.logprobs for ev in events if isinstance(ev, Token) and not ev.text)
+
+
+@pytest.mark.parametrize("step", [1, 3, 5])
+@pytest.mark.parametrize("lag", [False, True])
+def test_plain_text_keeps_every_tokens_logprob(step: int, lag: bool) -> None:
+    for text in ("Hello <b>world</b>", "a < b and <tool", "trailing space  \n", "<tool_call>not json</tool_call> ok"):
+        tokens: list[str | bytes] = [text[i : i + step] for i in range(0, len(text), step)]
+        events = parse_lps("generic", tokens, lag)
+        assert text_of(events) == text and joined(events) == text
+        got = [e.logprob for ev in events if isinstance(ev, Token) for e in ev.logprobs or ()]
+        assert got == [-float(i) for i in range(len(tokens))]
+    no_lps = parse("generic", "Sure.", 1)
+    assert all(ev.logprobs is None for ev in no_lps)  # none asked for: none attached
 
 
 # -- templates -----------------------------------------------------------------------------------

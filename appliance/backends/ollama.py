@@ -16,7 +16,18 @@ import ollama
 
 from appliance.backends.http import HTTPBackend, upstream_error
 from appliance.config import OllamaBackendSpec, Settings
-from appliance.engine.types import Error, Event, Finish, GenerateRequest, Message, Token, ToolCallDelta, Usage
+from appliance.engine.types import (
+    EngineError,
+    Error,
+    Event,
+    Finish,
+    GenerateRequest,
+    Message,
+    Token,
+    TokenLogprob,
+    ToolCallDelta,
+    Usage,
+)
 
 
 def options_for(req: GenerateRequest, default_max_tokens: int) -> dict[str, Any]:
@@ -70,6 +81,15 @@ def _tools(req: GenerateRequest) -> list[dict[str, Any]] | None:
     ]
 
 
+def _logprobs(entries: Any) -> list[TokenLogprob] | None:
+    """A part's `logprobs` (Ollama >= 0.12.11: token, logprob, top_logprobs) as ours."""
+    out = [
+        TokenLogprob(e.token, e.logprob, tuple((t.token, t.logprob) for t in e.top_logprobs or ()))
+        for e in entries or ()
+    ]
+    return out or None
+
+
 class OllamaBackend(HTTPBackend):
     name = "ollama"
 
@@ -81,8 +101,18 @@ class OllamaBackend(HTTPBackend):
         await self._client._client.aclose()
 
     async def _stream(self, req: GenerateRequest) -> AsyncIterator[Event]:
+        p = req.params
+        if p.logit_bias:  # Ollama has no such option: refused, never silently ignored
+            raise EngineError.of(
+                400,
+                f"logit_bias is not supported by the backend of model '{self.model_id}' (Ollama has no logit bias).",
+                code="unsupported_parameter",
+                param="logit_bias",
+            )
         opts = options_for(req, self.settings.default_max_tokens)
         common: dict[str, Any] = {"stream": True, "options": opts, "keep_alive": req.keep_alive}
+        if p.logprobs is not None:  # Ollama >= 0.12.11; older servers ignore the fields and send none
+            common["logprobs"], common["top_logprobs"] = True, p.logprobs
         if (out := req.params.output) is not None:  # Ollama's own structured outputs
             common["format"] = "json" if out.kind == "json_object" else out.schema
         try:
@@ -95,8 +125,9 @@ class OllamaBackend(HTTPBackend):
             calls = 0
             async for part in parts:
                 text = part.message.content if req.messages is not None else part.response
-                if text:
-                    yield Token(text)
+                lps = _logprobs(part.logprobs) if p.logprobs is not None else None
+                if text or lps:
+                    yield Token(text or "", lps)
                 for tc in (part.message.tool_calls if req.messages is not None else None) or []:
                     yield ToolCallDelta(calls, "", "call_" + uuid.uuid4().hex[:24], tc.function.name)
                     yield ToolCallDelta(calls, json.dumps(dict(tc.function.arguments or {})))

@@ -15,7 +15,17 @@ import openai
 
 from appliance.backends.http import HTTPBackend, upstream_error
 from appliance.config import RemoteBackendSpec, Settings
-from appliance.engine.types import Error, Event, Finish, GenerateRequest, Message, Token, ToolCallDelta, Usage
+from appliance.engine.types import (
+    Error,
+    Event,
+    Finish,
+    GenerateRequest,
+    Message,
+    Token,
+    TokenLogprob,
+    ToolCallDelta,
+    Usage,
+)
 from appliance.observability.tracing import trace_headers
 
 
@@ -51,6 +61,13 @@ class RemoteBackend(HTTPBackend):
             args["stop"] = list(p.stop)
         if req.user:
             args["user"] = req.user
+        if p.logit_bias:  # token ids of the upstream's tokenizer, as the client sent them
+            args["logit_bias"] = {str(t): b for t, b in p.logit_bias.items()}
+        if p.logprobs is not None:
+            if req.messages is not None:
+                args["logprobs"], args["top_logprobs"] = True, p.logprobs
+            else:
+                args["logprobs"] = p.logprobs
         if headers := trace_headers():  # the trace continues upstream (APPLIANCE_OTEL_ENDPOINT)
             args["extra_headers"] = headers
         if req.tools and req.messages is not None:  # the upstream makes the calls; the deltas come back as ours
@@ -79,6 +96,7 @@ class RemoteBackend(HTTPBackend):
         ids: dict[int, str] = {}  # call index -> id (an upstream that sends none gets ours)
         usage = Usage()
         completion_chunks = 0
+        want_lps = req.params.logprobs is not None
         try:
             if req.messages is not None:
                 msgs = [_wire_message(m) for m in req.messages]
@@ -90,9 +108,10 @@ class RemoteBackend(HTTPBackend):
                     usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
                 for choice in chunk.choices:
                     text = choice.delta.content if req.messages is not None else choice.text  # type: ignore[union-attr]
-                    if text:
-                        completion_chunks += 1
-                        yield Token(text)
+                    lps = _logprobs(choice.logprobs, req.messages is not None) if want_lps else None
+                    if text or lps:
+                        completion_chunks += 1 if text else 0
+                        yield Token(text or "", lps)
                     for tc in (getattr(choice, "delta", None) and choice.delta.tool_calls) or []:  # type: ignore[union-attr]
                         completion_chunks += 1
                         yield _tool_delta(tc, ids)
@@ -141,6 +160,34 @@ def _tool_delta(tc: Any, ids: dict[int, str]) -> ToolCallDelta:
         ids[tc.index] if first else None,
         (fn.name if fn else None) if first else None,
     )
+
+
+def _logprobs(lp: Any, chat: bool) -> list[TokenLogprob] | None:
+    """An upstream chunk's logprobs as ours: chat's `content[]` entries, or completions' parallel lists."""
+    if lp is None:
+        return None
+    if not chat:  # a completion: tokens, token_logprobs, top_logprobs ({token: logprob} each)
+        tops = list(lp.top_logprobs or [])
+        out = []
+        for i, (t, x) in enumerate(zip(lp.tokens or [], lp.token_logprobs or [], strict=False)):
+            top = (tops[i] if i < len(tops) else None) or {}
+            out.append(TokenLogprob(t, x or 0.0, tuple(sorted(top.items(), key=lambda kv: -kv[1]))))
+        return out or None
+    entries = []
+    for e in lp.content or []:
+        top = tuple((_token(t.token, t.bytes), t.logprob) for t in e.top_logprobs or [])
+        entries.append(TokenLogprob(_token(e.token, e.bytes), e.logprob, top))
+    return entries or None
+
+
+def _token(token: str, raw: list[int] | None) -> str:
+    """A token's text; OpenAI's `bytes:\\xNN` form where its bytes are no whole UTF-8 text (part of a character)."""
+    if raw:
+        try:
+            return bytes(raw).decode("utf-8")
+        except (UnicodeDecodeError, ValueError):
+            return "bytes:" + "".join(f"\\x{c:02x}" for c in raw)
+    return token
 
 
 def _message(e: openai.APIStatusError) -> str:

@@ -13,10 +13,13 @@ tokens, and a disconnect must cancel only its own generation.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from appliance.backends.base import BackendState, BackendStatus
@@ -36,7 +39,16 @@ from appliance.backends.llamacpp.residency import Residency
 from appliance.backends.llamacpp.supervisor import Supervisor
 from appliance.backends.llamacpp.tool_calls import tool_parser
 from appliance.config import LlamaCppBackendSpec, Settings
-from appliance.engine.types import Admitted, EngineError, Error, Event, Finish, GenerateRequest, Token
+from appliance.engine.types import (
+    Admitted,
+    EngineError,
+    Error,
+    Event,
+    Finish,
+    GenerateRequest,
+    Token,
+    TokenLogprob,
+)
 
 _DETAILS = (
     "architecture",
@@ -199,7 +211,8 @@ class LlamaCppBackend:
             tool_choice=req.tool_choice,
             parallel_tool_calls=req.parallel_tool_calls,
         )
-        parser = tool_parser(req, self.supervisor.info.get("tool_format", "generic"))
+        spans = LogprobSpans() if req.params.logprobs is not None else None
+        parser = tool_parser(req, self.supervisor.info.get("tool_format", "generic"), spans and spans.take)
         sent = self.supervisor.send(msg)
         pid = self.supervisor.pid
         done = False
@@ -211,8 +224,14 @@ class LlamaCppBackend:
             while True:
                 ev = await q.get()
                 if isinstance(ev, Text):
-                    lps = list(ev.logprobs) if ev.logprobs is not None else None
-                    for out in [Token(ev.text, lps)] if parser is None else parser.feed(ev.text):
+                    if parser is None:
+                        yield Token(ev.text, list(ev.logprobs) if ev.logprobs is not None else None)
+                        continue
+                    if spans is not None and ev.logprobs:
+                        spans.add(ev.logprobs)
+                        if late := spans.late():
+                            yield Token("", late)
+                    for out in parser.feed(ev.text):
                         yield out
                 elif isinstance(ev, Finished):
                     done = True
@@ -261,3 +280,44 @@ class LlamaCppBackend:
     def _on_lost(self, error: Error) -> None:
         for q in self._streams.values():
             q.put_nowait(error)
+
+
+_HEX = re.compile(r"\\x([0-9a-f]{2})")
+
+
+class LogprobSpans:
+    """Where each token's text lies in the generated text, so that the text a tool-call parser lets through
+    gets the logprobs of the tokens it came from (a call's own text gets none, as on OpenAI).
+
+    A token's characters are what the worker's incremental UTF-8 decoder (scheduler.py) made of its bytes,
+    replayed here: none for the first bytes of a split character, the whole character for the token that
+    completes it. `take(start, end)` gives the entries of the tokens whose text overlaps [start, end) (a
+    token with no characters counts as the one it starts) and drops earlier ones nobody took (a call's)."""
+
+    def __init__(self) -> None:
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.chars = 0
+        self.pending: deque[tuple[TokenLogprob, int, int]] = deque()
+        self.span = (0, 0)  # the last text handed out
+
+    def add(self, entries: Iterable[TokenLogprob]) -> None:
+        for e in entries:
+            t = e.token
+            raw = bytes(int(h, 16) for h in _HEX.findall(t)) if t.startswith("bytes:") else t.encode()
+            n = len(self.decoder.decode(raw))
+            self.pending.append((e, self.chars, self.chars + n))
+            self.chars += n
+
+    def late(self) -> list[TokenLogprob]:
+        """Entries that came after the text they overlap went out: the worker sends a token's entry once all
+        of its text has gone, so a tail it held back (a possible stop string) delays it."""
+        return self.take(*self.span)
+
+    def take(self, start: int, end: int) -> list[TokenLogprob]:
+        self.span = (start, end)
+        out = []
+        while self.pending and self.pending[0][1] < end:
+            e, a, b = self.pending.popleft()
+            if max(b, a + 1) > start:
+                out.append(e)
+        return out

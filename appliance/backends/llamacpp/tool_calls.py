@@ -21,13 +21,23 @@ import re
 import uuid
 from collections.abc import Callable
 
-from appliance.engine.types import GenerateRequest, Message, Token, Tool, ToolCall, ToolCallDelta, ToolChoice
+from appliance.engine.types import (
+    GenerateRequest,
+    Message,
+    Token,
+    TokenLogprob,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+)
 
 FORMATS = ("generic", "native-hermes", "native-llama3")
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _PROBE = "appliance_probe_tool_f3a9"
 
 TemplateRender = Callable[[list[dict], list[dict]], str]  # (messages, tools) -> prompt
+Spans = Callable[[int, int], list[TokenLogprob] | None]  # (start, end) of text in the input -> its tokens' logprobs
 
 
 def detect_format(template: str | None, render: TemplateRender | None) -> str:
@@ -161,11 +171,11 @@ def markup_texts(msgs: list[dict], tools: list[dict] | None) -> list[tuple[str, 
     return out
 
 
-def tool_parser(req: GenerateRequest, fmt: str) -> ToolCallParser | None:
+def tool_parser(req: GenerateRequest, fmt: str, logprobs: Spans | None = None) -> ToolCallParser | None:
     """The parser for a request's output: None where no call can come (no tools, `none`, a completion)."""
     if req.messages is None or not req.tools or req.tool_choice.mode == "none":
         return None
-    return ToolCallParser(fmt)
+    return ToolCallParser(fmt, logprobs=logprobs)
 
 
 # -- parsing generated text -----------------------------------------------------------------------------
@@ -213,11 +223,16 @@ class ToolCallParser:
     Each call gives first `ToolCallDelta(index, id=call_…, name=…, arguments="")`, then argument pieces
     (`ToolCallDelta(index, arguments=…)`) whose concatenation is the call's arguments JSON. Text that may be
     the start of a call is held back until it is known; whitespace around calls is dropped.
+
+    Every piece of text let through is a contiguous span [start, end) of the input (character offsets into
+    all text fed); `logprobs(start, end)`, when given, supplies its Token's logprobs (a call's text has none).
     """
 
-    def __init__(self, fmt: str, new_id: Callable[[], str] = new_call_id):
+    def __init__(self, fmt: str, new_id: Callable[[], str] = new_call_id, logprobs: Spans | None = None):
         self.fmt = "native-llama3" if fmt == "native-llama3" else "hermes"
         self.new_id = new_id
+        self.logprobs = logprobs
+        self.fed = 0  # characters fed so far: self.buf is always the input's last len(self.buf) characters
         self.calls = 0
         self.buf = ""
         self.state = "text"  # text | head | args | tail | plain (llama3: not a call)
@@ -228,6 +243,7 @@ class ToolCallParser:
     # -- public ------------------------------------------------------------------------------------
     def feed(self, text: str) -> list[Token | ToolCallDelta]:
         self.buf += text
+        self.fed += len(text)
         out: list[Token | ToolCallDelta] = []
         while True:
             before = (self.state, len(self.buf))
@@ -241,17 +257,21 @@ class ToolCallParser:
         if self.state == "head":
             text = self.raw + self.buf
             if not self._whole_call(text, out):
-                self._text_out(out, text)
+                self._text_out(out, text, self._at() - len(self.raw))
         elif self.state in ("text", "plain") and (self.buf.strip() or not self.calls):
-            self._text_out(out, self.buf)
+            self._text_out(out, self.buf, self._at())
         self.buf = ""
         return out
 
     # -- states ------------------------------------------------------------------------------------
-    def _text_out(self, out: list, text: str) -> None:
+    def _at(self) -> int:
+        """The input offset of self.buf's first character."""
+        return self.fed - len(self.buf)
+
+    def _text_out(self, out: list, text: str, start: int) -> None:
         if text:
             self.emitted_text = True
-            out.append(Token(text))
+            out.append(Token(text, self.logprobs(start, start + len(text)) if self.logprobs else None))
 
     def _text(self, out: list) -> None:
         buf = self.buf
@@ -266,20 +286,19 @@ class ToolCallParser:
             return
         i = buf.find(OPEN)
         if i >= 0:
-            self._text_out(out, buf[:i].rstrip())  # whitespace before a call is dropped
+            self._text_out(out, buf[:i].rstrip(), self._at())  # whitespace before a call is dropped
             self.state, self.raw, self.buf = "head", OPEN, buf[i + len(OPEN) :]
             return
         hold = next((n for n in range(min(len(OPEN) - 1, len(buf)), 0, -1) if buf.endswith(OPEN[:n])), 0)
         safe, held = buf[: len(buf) - hold], buf[len(buf) - hold :]
-        body = safe.rstrip()  # trailing whitespace waits: a call may follow
-        ws = safe[len(body) :]
-        if self.calls and not self.emitted_text:
-            body = body.lstrip()  # whitespace after a call is dropped too
-        self._text_out(out, body)
+        kept = safe.rstrip()  # trailing whitespace waits: a call may follow
+        ws = safe[len(kept) :]
+        body = kept.lstrip() if self.calls and not self.emitted_text else kept  # and whitespace after a call goes
+        self._text_out(out, body, self._at() + len(kept) - len(body))
         self.buf = ws + held if body else buf
 
     def _plain(self, out: list) -> None:
-        self._text_out(out, self.buf)
+        self._text_out(out, self.buf, self._at())
         self.buf = ""
 
     def _head(self, out: list) -> None:
@@ -288,10 +307,10 @@ class ToolCallParser:
             if self.fmt == "hermes" and CLOSE in self.buf:  # a complete block in another key order, or no call
                 block, rest = self.buf.split(CLOSE, 1)
                 if not self._whole_call(block, out):
-                    self._text_out(out, self.raw + block + CLOSE)
+                    self._text_out(out, self.raw + block + CLOSE, self._at() - len(self.raw))
                 self.state, self.raw, self.buf = "text", "", rest
             elif len(self.buf) > _MAX_HELD:
-                self._text_out(out, self.raw + self.buf)
+                self._text_out(out, self.raw + self.buf, self._at() - len(self.raw))
                 self.state, self.raw, self.buf = "plain", "", ""
             return
         try:
