@@ -62,6 +62,8 @@ METRICS: dict[str, Metric] = {
     "health_p99_ms": Metric("/health p99 while the chats run (300 by default)", "ms", "lower"),
     "json_tps": Metric("decode with a JSON-schema grammar", "tok/s", "higher"),
     "json_over_free": Metric("JSON-schema decode / unconstrained decode", "x", "higher", 2),
+    "embed_decode_ratio": Metric("decode while the embedding model loads / decode alone", "x", "higher", 2),
+    "embed_first_s": Metric("first /v1/embeddings after start (loads the model)", "s", "lower", 1),
     "rss_idle_mib": Metric("RSS of the server's processes, idle after the runs", "MiB", "lower", 0),
     "rss_growth_pct": Metric("RSS growth over the RSS-check requests", "%", "lower"),
 }
@@ -326,7 +328,39 @@ async def health_under_load(c: httpx.AsyncClient, cfg: Config) -> dict[str, floa
     }
 
 
+EMBEDDING_MODEL = "all-minilm-l6-v2"  # the appliance's own; servers that do not list it skip the scenario
+
+
+async def embedding_load(c: httpx.AsyncClient, cfg: Config) -> dict[str, float]:
+    """Decode speed while the embedding model loads, over decode speed alone, and how long the first
+    /v1/embeddings request took. The appliance loads that model on first use, in a process of its own at low
+    CPU priority with one thread: the generation running meanwhile should keep its speed. Needs a server that
+    has not loaded it yet (a fresh one: `appliance bench` starts one)."""
+    models = (await c.get("/v1/models")).json().get("data") or []
+    if not any(m.get("id") == EMBEDDING_MODEL for m in models):
+        return {}
+    body = {"model": cfg.model, "prompt": prompt(0), "max_tokens": cfg.tokens, "temperature": 0}
+    alone = [(await stream(c, "/v1/completions", body)).decode_tps for _ in range(3)]
+
+    async def embed() -> float:
+        t0 = time.perf_counter()
+        while True:  # a request waits APPLIANCE_EMBEDDINGS_WAIT (60 s) for the load, then 503: ask again
+            r = await c.post("/v1/embeddings", json={"model": EMBEDDING_MODEL, "input": "hello"}, timeout=900)
+            if r.status_code == 200:
+                return time.perf_counter() - t0
+            if r.status_code != 503 or time.perf_counter() - t0 > 900:
+                raise RuntimeError(f"/v1/embeddings answered {r.status_code}: {r.text[:300]}")
+
+    loading = asyncio.create_task(embed())
+    during = []
+    while not loading.done() or not during:
+        during.append((await stream(c, "/v1/completions", body)).decode_tps)
+    first = await loading
+    return {"embed_decode_ratio": statistics.median(during) / statistics.median(alone), "embed_first_s": first}
+
+
 SCENARIOS = {
+    "embed_load": embedding_load,  # first: the embedding model must not be loaded yet
     "decode": decode,
     "repeated": repeated_prompt,
     "interleaved": interleaved,
