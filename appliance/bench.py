@@ -10,6 +10,7 @@ with one column per server and the ratio appliance / other per measure, and writ
                           {ctx_total}; its start to /health 200 and its RSS are measured
   --llama-server PATH     shorthand: llama.cpp's server on the same GGUF, threads and slots
                           (scripts/build-llama-server.sh builds it from the llama.cpp in llama-cpp-python)
+  --direct                also llama-cpp-python's `Llama` in process on the same GGUF (bench_direct.py)
   --quick                 a functional check in about a minute, not a measurement
 
 Run it on an otherwise idle machine: the servers share the CPU with everything else on it.
@@ -264,6 +265,26 @@ async def run_all(ts: list[Target], args: argparse.Namespace) -> None:
     for t in ts:
         if (rss := t.rss()) is not None:
             t.metrics["rss_idle_mib"] = rss / 2**20
+    if args.direct:
+        ts.append(direct(args, f"{nonce}-direct", quick))
+
+
+def direct(args: argparse.Namespace, nonce: str, quick: dict[str, int]) -> Target:
+    """llama-cpp-python in a process of its own, with the scenarios' prompts (bench_direct.py)."""
+    from appliance.catalog import embedded_smollm2
+
+    cfg = {"model": str(embedded_smollm2()[0]), "threads": args.threads, "ctx": args.ctx, "nonce": nonce}
+    cfg |= {"tokens": quick.get("tokens", args.tokens), "reps": quick.get("reps", args.reps)}
+    cfg |= {"doc_words": quick.get("doc_words", 22)}
+    print("llama-cpp-python (in process) ...", file=sys.stderr)
+    t = Target("llama-cpp-python", "(in process)")
+    argv = [sys.executable, "-m", "appliance.bench_direct", json.dumps(cfg)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
+    if out.returncode == 0:
+        t.metrics = json.loads(out.stdout.strip().splitlines()[-1])
+    else:
+        t.errors["direct"] = out.stderr.strip()[-500:]
+    return t
 
 
 def machine() -> str:
@@ -326,6 +347,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--health-chats", type=int, default=300, help="concurrent chats while /health is probed")
     p.add_argument("--requests", type=int, default=2000, help="requests for the RSS-growth check (0: skip)")
     p.add_argument("--scenarios", default="all", help="comma-separated subset of the scenarios")
+    p.add_argument("--direct", action="store_true", help="also llama-cpp-python used in process")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks that everything runs")
     p.add_argument("--json", type=Path, default=Path("bench-results/bench.json"))
 
