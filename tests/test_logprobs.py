@@ -195,6 +195,51 @@ def check_entries(entries: list[Any], k: int) -> None:
         assert bytes(e.bytes) == e.token.encode() if not e.token.startswith("bytes:") else True
 
 
+async def test_ollama_logprobs_shapes(tmp_path) -> None:
+    """/api/chat and /api/generate take Ollama's `logprobs` / `top_logprobs` (0.12.11) and put each line's
+    tokens in its `logprobs`; the whole answer carries them all; without the field, no `logprobs` key."""
+    msgs = [{"role": "user", "content": "hi"}]
+    async with client(tmp_path) as c:
+        body = {"model": "default", "messages": msgs, "stream": False, "logprobs": True, "top_logprobs": 2}
+        whole = (await c.post("/api/chat", json=body)).json()
+        lines = (await c.post("/api/chat", json={**body, "stream": True})).text.splitlines()
+        gen = (await c.post("/api/generate", json={"model": "default", "prompt": "x", "logprobs": True})).text
+        plain = (await c.post("/api/chat", json={"model": "default", "messages": msgs, "stream": False})).json()
+        bad = await c.post("/api/chat", json={**body, "top_logprobs": 21})
+        seen = c.backend.seen  # type: ignore[attr-defined]
+    assert [e["token"] for e in whole["logprobs"]] == [e.token for e in LP]
+    assert whole["logprobs"][0] == {
+        "token": "Hel",
+        "logprob": -0.25,
+        "bytes": [72, 101, 108],
+        "top_logprobs": [
+            {"token": "Hel", "logprob": -0.25, "bytes": [72, 101, 108]},
+            {"token": "Hi", "logprob": -1.5, "bytes": [72, 105]},
+        ],
+    }
+    streamed = [e for ln in lines for e in json.loads(ln).get("logprobs") or []]
+    assert streamed == whole["logprobs"]
+    assert [e["token"] for ln in gen.splitlines() for e in json.loads(ln).get("logprobs") or []] == [
+        e.token for e in LP
+    ]
+    assert "logprobs" not in plain and bad.status_code == 400
+    assert [r.params.logprobs for r in seen[:4]] == [2, 2, 0, None]
+
+
+@pytest.mark.slow
+def test_ollama_client_logprobs_from_the_model(appliance_server: Server) -> None:
+    import ollama
+
+    oc = ollama.Client(host=appliance_server.base_url)
+    opts = {"temperature": 0, "num_predict": 8}
+    r = oc.chat(model="default", messages=MSGS, options=opts, logprobs=True, top_logprobs=3)
+    assert r.logprobs and len(r.logprobs) == r.eval_count
+    assert "".join(e.token for e in r.logprobs) == r.message.content
+    for e in r.logprobs:
+        assert math.isfinite(e.logprob) and e.logprob <= 0 and e.top_logprobs and len(e.top_logprobs) <= 3
+        assert e.top_logprobs[0].logprob == pytest.approx(e.logprob)  # greedy: the chosen one is the most likely
+
+
 @pytest.mark.slow
 def test_chat_logprobs_from_the_model_stream_and_non_stream(oai: openai.OpenAI) -> None:
     r = oai.chat.completions.create(

@@ -26,7 +26,7 @@ from appliance.api.streaming import caller, collect, note_request, pump, until_d
 from appliance.catalog import peek_model_path
 from appliance.engine.registry import ModelEntry
 from appliance.engine.router import Engine
-from appliance.engine.types import EngineError, GenerateRequest, ToolCallDelta, assemble_tool_calls
+from appliance.engine.types import EngineError, GenerateRequest, TokenLogprob, ToolCallDelta, assemble_tool_calls
 from appliance.gguf_meta import GGUFError, read_info
 
 
@@ -59,11 +59,12 @@ async def _respond(request: Request, kind: Literal["chat", "generate"], req: Gen
     if streamed:
         return ndjson_response(pump(request, stream, renderer), headers)
     deltas: list[ToolCallDelta] = []
-    text, finish, err = await collect(request, stream, deltas)
+    lps: list[TokenLogprob] | None = [] if req.params.logprobs is not None else None
+    text, finish, err = await collect(request, stream, deltas, lps)
     if err is not None:
         return error_response(err, request.url.path, headers)
     assert finish is not None
-    return json_response(renderer.whole(text, finish, assemble_tool_calls(deltas)), headers)
+    return json_response(renderer.whole(text, finish, assemble_tool_calls(deltas), lps), headers)
 
 
 async def chat(request: Request) -> Response:

@@ -22,6 +22,7 @@ from appliance.api.protocol.common import (
     client_error,
 )
 from appliance.api.protocol.ollama_tools import ToolCall, calls_out, messages_of, tool_choice
+from appliance.api.protocol.openai_logprobs import token_bytes
 from appliance.api.protocol.openai_tools import MAX_TOOLS, ToolDef, tools_of
 from appliance.engine import types as core
 from appliance.engine.router import Stream
@@ -86,6 +87,8 @@ class ChatRequest(RequestModel):
     stream: bool = True
     options: Options | None = None
     keep_alive: KeepAlive = None
+    logprobs: bool = Field(False, description="each line carries its tokens' log-probabilities (Ollama 0.12.11)")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="most likely alternatives per token")
 
 
 class GenerateRequest(RequestModel):
@@ -97,6 +100,8 @@ class GenerateRequest(RequestModel):
     stream: bool = True
     options: Options | None = None
     keep_alive: KeepAlive = None
+    logprobs: bool = Field(False, description="each line carries its tokens' log-probabilities (Ollama 0.12.11)")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="most likely alternatives per token")
 
 
 class ModelRequest(RequestModel):
@@ -140,8 +145,11 @@ def parse_keep_alive(value: KeepAlive) -> float | None:
     return -1.0 if seconds > FOREVER else seconds
 
 
-def sampling(o: Options | None, fmt: Format = None) -> core.SamplingParams:
-    p = core.SamplingParams(temperature=0.8, top_p=0.9, output=output_format(fmt))  # Ollama's defaults
+def sampling(body: ChatRequest | GenerateRequest) -> core.SamplingParams:
+    o = body.options
+    p = core.SamplingParams(temperature=0.8, top_p=0.9, output=output_format(body.format))  # Ollama's defaults
+    if body.logprobs or body.top_logprobs:
+        p.logprobs = body.top_logprobs or 0
     if o is None:
         return p
     for name in ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty"):
@@ -165,7 +173,7 @@ def chat_request(body: ChatRequest, model: str, **caller: Any) -> core.GenerateR
         messages=messages_of(body.messages),
         tools=tools,
         tool_choice=tool_choice(body.options.tool_choice if body.options else None, tools),
-        params=sampling(body.options, body.format),
+        params=sampling(body),
         keep_alive=parse_keep_alive(body.keep_alive),
         **caller,
     )
@@ -173,9 +181,7 @@ def chat_request(body: ChatRequest, model: str, **caller: Any) -> core.GenerateR
 
 def generate_request(body: GenerateRequest, model: str, **caller: Any) -> core.GenerateRequest:
     """`raw` sends the prompt as is; otherwise the model's template applies (with `system`), as Ollama does."""
-    common = dict(
-        model=model, params=sampling(body.options, body.format), keep_alive=parse_keep_alive(body.keep_alive), **caller
-    )
+    common = dict(model=model, params=sampling(body), keep_alive=parse_keep_alive(body.keep_alive), **caller)
     if body.raw:
         return core.GenerateRequest(prompt=body.prompt, **common)
     msgs = ([core.Message("system", body.system)] if body.system else []) + [core.Message("user", body.prompt)]
@@ -199,12 +205,38 @@ class AssistantMessage(OmitNone):
     tool_calls: list[ToolCall] | None = None
 
 
+class TokenLogprob(ResponseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class Logprob(TokenLogprob):
+    top_logprobs: list[TokenLogprob] | None = None
+
+
+def logprobs_out(entries: list[core.TokenLogprob] | None) -> list[Logprob] | None:
+    """Ollama's `logprobs`: one entry per token, most likely alternatives in `top_logprobs`."""
+    if entries is None:
+        return None
+    return [
+        Logprob(
+            token=e.token,
+            logprob=min(0.0, e.logprob),
+            bytes=token_bytes(e.token),
+            top_logprobs=[TokenLogprob(token=t, logprob=min(0.0, lp), bytes=token_bytes(t)) for t, lp in e.top] or None,
+        )
+        for e in entries
+    ]
+
+
 class _Final(OmitNone):
     """Fields of the last line of a generation (and of a load/unload answer)."""
 
     model: str
     created_at: str
     done: bool
+    logprobs: list[Logprob] | None = None
     done_reason: str | None = None
     total_duration: int | None = None
     load_duration: int | None = None
@@ -293,8 +325,10 @@ class Renderer:
         self.kind, self.model, self.stream = kind, model, stream
         self.deltas: list[core.ToolCallDelta] = []  # streamed calls go out whole, before the last line
 
-    def _line(self, text: str, calls: list[core.ToolCall] | None = None, **final: Any) -> _Final:
-        common = {"model": self.model, "created_at": now(), **final}
+    def _line(
+        self, text: str, calls: list[core.ToolCall] | None = None, lps: list[core.TokenLogprob] | None = None, **final
+    ) -> _Final:
+        common = {"model": self.model, "created_at": now(), "logprobs": logprobs_out(lps), **final}
         if self.kind == "chat":
             message = AssistantMessage(content=text, tool_calls=calls_out(calls or []) or None)
             return ChatResponse(message=message, **common)
@@ -319,7 +353,7 @@ class Renderer:
 
     def event(self, ev: core.Event) -> list[ResponseModel]:
         if isinstance(ev, core.Token):
-            return [self._line(ev.text, done=False)]
+            return [self._line(ev.text, lps=ev.logprobs, done=False)]
         if isinstance(ev, core.ToolCallDelta):
             self.deltas.append(ev)
             return []
@@ -328,8 +362,14 @@ class Renderer:
             return [*calls, self._line("", **self._final(ev))]
         return [ErrorResponse(error=ev.message)]
 
-    def whole(self, text: str, finish: core.Finish, calls: list[core.ToolCall] | None = None) -> _Final:
-        return self._line(text, calls, **self._final(finish))
+    def whole(
+        self,
+        text: str,
+        finish: core.Finish,
+        calls: list[core.ToolCall] | None = None,
+        lps: list[core.TokenLogprob] | None = None,
+    ) -> _Final:
+        return self._line(text, calls, lps, **self._final(finish))
 
 
 def load_response(kind: Literal["chat", "generate"], model: str, unloaded: bool) -> _Final:
