@@ -92,6 +92,7 @@ def run_doctor(settings: Settings | None = None, out: TextIO = sys.stdout, confi
     check_port(report, settings.host, settings.port)
     if models is not None:
         check_backends(report, models)
+    check_shared(report, settings)
     if has_gpu is False and settings.gpu_layers != 0:
         report(WARN, "gpu", f"APPLIANCE_GPU_LAYERS={settings.gpu_layers} but no GPU was found")
     return 1 if report.failed else 0
@@ -293,3 +294,52 @@ def check_backends(report: Callable[[str, str, str], None], models: ModelsFile) 
                 report(OK, name, f"{url} answered HTTP {r.status_code}")
             except httpx.HTTPError as e:
                 report(WARN, name, f"{url} unreachable: {e or type(e).__name__}")
+
+
+def check_shared(report: Callable[[str, str, str], None], settings: Settings) -> None:
+    """The parts that several boxes share (README "Several boxes"), when set: each Postgres database answers
+    and has the current schema, Redis answers PING, the Chroma server answers its heartbeat. A node cannot
+    serve without them, so each one that fails is a FAIL."""
+    from appliance.db import redact
+
+    databases = dict.fromkeys(u for u in (settings.database_url, settings.threads_url) if u)
+    for url in databases:
+        import psycopg
+
+        from appliance.db.migrations import applied, connect, latest
+
+        name = f"database {redact(url)}"
+        try:
+            with connect(url) as conn:
+                version = max(applied(conn), default=0)
+        except psycopg.Error as e:
+            report(FAIL, name, str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__)
+            continue
+        if version < latest():
+            report(FAIL, name, f"schema version {version} of {latest()}: run `appliance db upgrade`")
+        else:
+            report(OK, name, f"schema version {version}")
+    if settings.limits_url:
+        import redis
+
+        name = f"limits {redact(settings.limits_url)}"
+        try:
+            client = redis.Redis.from_url(settings.limits_url, socket_timeout=2, socket_connect_timeout=2)
+            client.ping()
+            client.close()
+            report(OK, name, "Redis answered PING")
+        except redis.RedisError as e:
+            report(FAIL, name, f"Redis unreachable: {e}")
+    if settings.memory_url:
+        import httpx
+
+        url = settings.memory_url.rstrip("/")
+        name = f"chroma {redact(url)}"
+        try:
+            r = httpx.get(f"{url}/api/v2/heartbeat", timeout=2.0)
+            if r.status_code == 200:
+                report(OK, name, "Chroma server answered its heartbeat")
+            else:
+                report(FAIL, name, f"{url}/api/v2/heartbeat answered HTTP {r.status_code}: not a Chroma server?")
+        except httpx.HTTPError as e:
+            report(FAIL, name, f"Chroma server unreachable: {e or type(e).__name__}")

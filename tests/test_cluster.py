@@ -360,6 +360,13 @@ def test_keys_and_usage_commands_read_the_shared_database(cluster: SimpleNamespa
         assert r.status_code == 401, (node.base_url, r.text)
 
 
+def test_doctor_checks_the_shared_parts(cluster: SimpleNamespace) -> None:
+    r = cli("doctor", env={**cluster.env, "APPLIANCE_PORT": str(free_port())}, timeout=120)
+    shared = [ln for ln in r.stdout.splitlines() if re.match(r"\w+\s+(database|limits|chroma) ", ln)]
+    assert [ln.split()[0] for ln in shared] == ["OK", "OK", "OK"], r.stdout
+    assert "schema version" in shared[0] and "PING" in shared[1] and "heartbeat" in shared[2]
+
+
 def test_nginx_keeps_a_thread_on_one_node_and_fails_over_when_it_dies(cluster: SimpleNamespace) -> None:
     key, tid, url = cluster.keys["alice"], "failover", cluster.url
     rids = [uuid.uuid4().hex for _ in range(3)]

@@ -638,6 +638,24 @@ def test_doctor_all_ok_on_the_builtin_model(tmp_path: Path) -> None:
     assert not lines(text, "FAIL", ".*")
 
 
+def test_doctor_fails_when_a_shared_part_is_unreachable(tmp_path: Path) -> None:
+    """Several boxes: a database, Redis or Chroma server that does not answer is a FAIL naming it (the
+    password never printed); with none set there are no such lines (the built-in test above)."""
+    closed = free_port()
+    settings = make_settings(
+        tmp_path,
+        database_url=f"postgresql://app:s3cret@127.0.0.1:{closed}/appliance",
+        limits_url=f"redis://127.0.0.1:{closed}/0",
+        memory_url=f"http://127.0.0.1:{closed}",
+    )
+    code, text = run(settings)
+    assert code == 1
+    assert lines(text, "FAIL", f"database postgresql://app:***@127.0.0.1:{closed}/appliance"), text
+    assert lines(text, "FAIL", f"limits redis://127.0.0.1:{closed}/0"), text
+    assert lines(text, "FAIL", f"chroma http://127.0.0.1:{closed}"), text
+    assert "s3cret" not in text
+
+
 def test_doctor_fails_on_a_bad_models_file(tmp_path: Path) -> None:
     code, text = run(make_settings(tmp_path, "this is [not toml"))
     assert code == 1 and lines(text, "FAIL", "config"), text
