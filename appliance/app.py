@@ -24,7 +24,7 @@ from appliance.api import embeddings as embeddings_api
 from appliance.api import extras, health, ollama, openai, openapi, responses, threads
 from appliance.api.errors import engine_error_handler, http_error_handler, unhandled_error_handler
 from appliance.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
-from appliance.api.response_store import ResponseStore
+from appliance.api.response_store import ResponseStore, StoredResponses
 from appliance.api.streaming import ClientDisconnected, disconnected_handler
 from appliance.backends import default_factories
 from appliance.backends.base import BackendFactory
@@ -104,7 +104,13 @@ def create_app(
 
         limiter = RedisLimiter(settings.limits_url)  # shared by every node
     usage = make_usage_store(settings)  # tokens per key, model and day
-    stored_responses = ResponseStore(settings.data_dir / "responses.sqlite", settings.max_responses_per_key)
+    stored_responses: StoredResponses  # Responses API, `store: true`: the local file or the shared database
+    if settings.database_url:
+        from appliance.api.response_store_pg import PgResponseStore
+
+        stored_responses = PgResponseStore(settings.database_url, settings.max_responses_per_key)
+    else:
+        stored_responses = ResponseStore(settings.data_dir / "responses.sqlite", settings.max_responses_per_key)
     embedder = embeddings or EmbeddingService(
         wait=settings.embeddings_wait, threads=settings.embeddings_threads, nice=settings.embeddings_nice
     )

@@ -184,17 +184,42 @@ def test_db_upgrade_twice_at_once_is_safe(pg: Postgres) -> None:
         runs = list(pool.map(lambda _: cli("db", "upgrade", env=env), range(2)))
     assert [r.returncode for r in runs] == [0, 0], [r.stderr for r in runs]
     outs = sorted(r.stdout for r in runs)
-    assert "already up to date" in outs[0] and "(applied 1)" in outs[1], outs  # one applied, the other waited
+    assert "already up to date" in outs[0] and "(applied 1, 2)" in outs[1], outs  # one applied, the other waited
     again = cli("db", "upgrade", env=env)
     assert again.returncode == 0 and "already up to date" in again.stdout
     import psycopg
 
     with psycopg.connect(url) as conn:
-        assert conn.execute("SELECT version FROM appliance_schema").fetchall() == [(1,)]
+        assert conn.execute("SELECT version FROM appliance_schema ORDER BY version").fetchall() == [(1,), (2,)]
         tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
-    assert {"appliance_threads", "appliance_keys", "appliance_usage", "checkpoints", "checkpoint_blobs"} <= tables
+    assert {"appliance_threads", "appliance_keys", "appliance_usage", "appliance_responses", "checkpoints"} <= tables
     status = cli("db", "status", env=env)
-    assert status.returncode == 0 and "schema version 1 of 1" in status.stdout
+    assert status.returncode == 0 and "schema version 2 of 2" in status.stdout
+
+
+async def test_postgres_response_store(pg: Postgres) -> None:
+    """Stored Responses API responses in the shared database: per owner, bounded, deletable, with the
+    conversation and the request's input, from either of two stores (nodes) on it."""
+    from appliance.api.response_store_pg import PgResponseStore
+    from appliance.engine.types import Message, ToolCall
+
+    url = pg.create_db("responses_unit")
+    a, b = PgResponseStore(url, max_per_owner=2), PgResponseStore(url, max_per_owner=2)
+    try:
+        convo = [Message("user", "weather?"), Message("assistant", "", [ToolCall("call_1", "w", '{"c": 1}')])]
+        for i in range(3):
+            await a.put("alice", f"resp_{i}", f'{{"id": "resp_{i}"}}', convo, convo[:1])
+        await b.put("bob", "resp_b", "{}", [], [])
+        got = await b.get("alice", "resp_2")
+        assert got is not None and got.body == '{"id": "resp_2"}'
+        assert got.context == convo and got.input == convo[:1]
+        assert await b.get("alice", "resp_0") is None  # the oldest went: two per owner
+        assert await b.get("bob", "resp_2") is None and await a.get("alice", "resp_b") is None
+        assert not await a.delete("bob", "resp_2") and await b.delete("alice", "resp_2")
+        assert await a.get("alice", "resp_2") is None and await a.get("alice", "resp_1") is not None
+    finally:
+        a.close()
+        b.close()
 
 
 async def test_postgres_thread_store_prunes_lists_and_moves(pg: Postgres, tmp_path: Path) -> None:
@@ -340,6 +365,25 @@ def test_a_memory_saved_on_one_node_is_recalled_on_the_other(cluster: SimpleName
     for base in (a, b):
         theirs = httpx.get(f"{base}/v1/memories/search", params={"q": "cat"}, headers=auth(bob), timeout=300)
         assert theirs.status_code == 200 and theirs.json()["data"] == []
+
+
+def test_a_response_stored_on_one_node_is_read_and_continued_on_the_other(cluster: SimpleNamespace) -> None:
+    a, b = (n.base_url for n in cluster.nodes)
+    alice, bob = auth(cluster.keys["alice"]), auth(cluster.keys["bob"])
+    body = {"model": "default", "input": "Say hello.", "max_output_tokens": 8, "temperature": 0}
+    first = httpx.post(f"{a}/v1/responses", json=body, headers=alice, timeout=300)
+    assert first.status_code == 200, first.text
+    rid = first.json()["id"]
+    got = httpx.get(f"{b}/v1/responses/{rid}", headers=alice, timeout=30)
+    assert got.status_code == 200 and got.json() == first.json()
+    items = httpx.get(f"{b}/v1/responses/{rid}/input_items", headers=alice, timeout=30).json()
+    assert [i["content"][0]["text"] for i in items["data"]] == ["Say hello."]
+    chained = {**body, "input": "Again.", "previous_response_id": rid}
+    second = httpx.post(f"{b}/v1/responses", json=chained, headers=alice, timeout=300)
+    assert second.status_code == 200 and second.json()["previous_response_id"] == rid, second.text
+    assert httpx.get(f"{a}/v1/responses/{rid}", headers=bob, timeout=30).status_code == 404
+    assert httpx.delete(f"{a}/v1/responses/{rid}", headers=alice, timeout=30).status_code == 200
+    assert httpx.get(f"{b}/v1/responses/{rid}", headers=alice, timeout=30).status_code == 404
 
 
 def test_keys_and_usage_commands_read_the_shared_database(cluster: SimpleNamespace) -> None:

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from appliance.engine.types import Message, ToolCall
 
@@ -61,6 +61,18 @@ class Stored:
     body: str  # the response object's JSON
     context: list[Message]
     input: list[Message]  # the request's own input items, as internal messages
+
+
+class StoredResponses(Protocol):
+    """Where stored responses live: this file (ResponseStore) or the shared database (PgResponseStore)."""
+
+    async def put(self, owner: str, rid: str, body: str, context: list[Message], input: list[Message]) -> None: ...
+
+    async def get(self, owner: str, rid: str) -> Stored | None: ...
+
+    async def delete(self, owner: str, rid: str) -> bool: ...
+
+    def close(self) -> None: ...
 
 
 class ResponseStore:

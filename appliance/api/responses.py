@@ -18,13 +18,13 @@ from appliance.api.protocol import responses as wire
 from appliance.api.protocol import responses_items as items
 from appliance.api.protocol import responses_out as out
 from appliance.api.protocol.common import parse
-from appliance.api.response_store import ResponseStore
+from appliance.api.response_store import StoredResponses
 from appliance.api.sse import json_response, sse_response
 from appliance.api.streaming import caller, note_request, pump, until_disconnect
 from appliance.engine.types import Error, Message
 
 
-def _store(request: Request) -> ResponseStore:
+def _store(request: Request) -> StoredResponses:
     return request.app.state.responses
 
 

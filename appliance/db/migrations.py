@@ -77,6 +77,21 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX appliance_usage_by_key ON appliance_usage (key_id, day);
         """,
     ),
+    Migration(
+        2,
+        "stored Responses API responses",
+        """
+        CREATE TABLE appliance_responses (
+            id TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            created DOUBLE PRECISION NOT NULL,
+            body TEXT NOT NULL,
+            context TEXT NOT NULL,
+            input TEXT NOT NULL
+        );
+        CREATE INDEX appliance_responses_by_owner ON appliance_responses (owner, created DESC);
+        """,
+    ),
 )
 
 _VERSIONS = """
