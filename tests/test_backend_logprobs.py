@@ -20,6 +20,7 @@ import pytest
 
 from appliance.app import create_app
 from appliance.config import Settings
+from tests.conftest import sse
 from tests.fakes import FakeEmbedder
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
@@ -165,12 +166,6 @@ model = "up"
         async with httpx.AsyncClient(transport=transport, base_url="http://appliance", timeout=30) as c:
             c.app = app  # type: ignore[attr-defined]
             yield c
-
-
-def sse(text: str) -> list[Any]:
-    lines = [ln[6:] for ln in text.splitlines() if ln.startswith("data: ")]
-    assert lines[-1] == "[DONE]"
-    return [json.loads(ln) for ln in lines[:-1]]
 
 
 EXPECTED = [  # what the client must get back: OpenAI's shape, the split character as bytes

@@ -20,7 +20,7 @@ import pytest
 from appliance.app import create_app
 from appliance.config import Settings
 from appliance.engine.types import Event, Finish, Token, TokenLogprob, Usage
-from tests.conftest import Server
+from tests.conftest import Server, sse
 from tests.fakes import FakeEmbedder, Scripted
 
 CHAT = {"model": "default", "messages": [{"role": "user", "content": "hi"}]}
@@ -43,12 +43,6 @@ async def client(tmp_path, script: list[Event] = SCRIPT):
         async with httpx.AsyncClient(transport=transport, base_url="http://appliance") as c:
             c.backend = backend  # type: ignore[attr-defined]
             yield c
-
-
-def sse(text: str) -> list[Any]:
-    lines = [ln[6:] for ln in text.splitlines() if ln.startswith("data: ")]
-    assert lines[-1] == "[DONE]"
-    return [json.loads(ln) for ln in lines[:-1]]
 
 
 # -- fast: validation ------------------------------------------------------------------------------------

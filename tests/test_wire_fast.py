@@ -21,6 +21,7 @@ from appliance.api.protocol.ollama import parse_keep_alive
 from appliance.app import create_app
 from appliance.config import Settings
 from appliance.engine.types import EngineError, Error, Event, Token
+from tests.conftest import sse
 from tests.fakes import HELLO, FakeEmbedder, Scripted
 
 
@@ -39,12 +40,6 @@ async def client(tmp_path, script: list[Event] | EngineError = HELLO, **settings
 
 
 CHAT = {"model": "default", "messages": [{"role": "user", "content": "hi"}]}
-
-
-def sse(text: str) -> list[Any]:
-    lines = [ln[6:] for ln in text.splitlines() if ln.startswith("data: ")]
-    assert lines[-1] == "[DONE]"
-    return [json.loads(ln) for ln in lines[:-1]]
 
 
 def error_shape(doc: dict) -> dict:

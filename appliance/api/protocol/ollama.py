@@ -79,10 +79,10 @@ def output_format(fmt: Format) -> core.OutputFormat | None:
     return core.OutputFormat("json_schema", fmt)
 
 
-class ChatRequest(RequestModel):
+class _Generation(RequestModel):
+    """What /api/chat and /api/generate both take."""
+
     model: str = Field(min_length=1, examples=["default"])
-    messages: list[ChatMessage] = Field(default_factory=list)
-    tools: Annotated[list[ToolDef], Field(max_length=MAX_TOOLS)] | None = None
     format: Format = None
     stream: bool = True
     options: Options | None = None
@@ -91,17 +91,15 @@ class ChatRequest(RequestModel):
     top_logprobs: int | None = Field(None, ge=0, le=20, description="most likely alternatives per token")
 
 
-class GenerateRequest(RequestModel):
-    model: str = Field(min_length=1, examples=["default"])
+class ChatRequest(_Generation):
+    messages: list[ChatMessage] = Field(default_factory=list)
+    tools: Annotated[list[ToolDef], Field(max_length=MAX_TOOLS)] | None = None
+
+
+class GenerateRequest(_Generation):
     prompt: str = ""
     system: str | None = None
     raw: bool = False
-    format: Format = None
-    stream: bool = True
-    options: Options | None = None
-    keep_alive: KeepAlive = None
-    logprobs: bool = Field(False, description="each line carries its tokens' log-probabilities (Ollama 0.12.11)")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="most likely alternatives per token")
 
 
 class ModelRequest(RequestModel):
@@ -145,7 +143,7 @@ def parse_keep_alive(value: KeepAlive) -> float | None:
     return -1.0 if seconds > FOREVER else seconds
 
 
-def sampling(body: ChatRequest | GenerateRequest) -> core.SamplingParams:
+def sampling(body: _Generation) -> core.SamplingParams:
     o = body.options
     p = core.SamplingParams(temperature=0.8, top_p=0.9, output=output_format(body.format))  # Ollama's defaults
     if body.logprobs or body.top_logprobs:
