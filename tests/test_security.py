@@ -161,8 +161,10 @@ def test_allow_unauthenticated_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     seen = []
 
-    async def fake_serve(settings: Settings) -> None:
+    async def fake_serve(settings: Settings, early_worker=None) -> None:
         seen.append(settings)
+        if early_worker is not None:  # `serve` spawned the model's worker before importing the HTTP layer
+            early_worker.process.stop()
 
     monkeypatch.setattr(appliance.server, "serve", fake_serve)
     monkeypatch.setattr("appliance.observability.logging.setup_logging", lambda *a, **k: None)
