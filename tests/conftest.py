@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,6 +29,30 @@ def sse(text: str) -> list[Any]:
     lines = [ln[6:] for ln in text.splitlines() if ln.startswith("data: ")]
     assert lines[-1] == "[DONE]"
     return [json.loads(ln) for ln in lines[:-1]]
+
+
+@contextlib.contextmanager
+def busy_port() -> Iterator[int]:
+    """A loopback port held by something that is not an appliance: it accepts and hangs up at once (a socket
+    that only listens would make a client wait out its whole timeout)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        s.settimeout(0.05)
+        done = threading.Event()
+
+        def hang_up() -> None:
+            while not done.is_set():
+                with contextlib.suppress(TimeoutError, OSError):
+                    s.accept()[0].close()
+
+        t = threading.Thread(target=hang_up, daemon=True)
+        t.start()
+        try:
+            yield s.getsockname()[1]
+        finally:
+            done.set()
+            t.join()
 
 
 def free_port() -> int:

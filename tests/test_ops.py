@@ -23,6 +23,7 @@ import pytest
 
 from appliance import doctor
 from appliance.config import LlamaCppBackendSpec, OllamaBackendSpec, RemoteBackendSpec, Settings
+from tests.conftest import busy_port, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "appliance.service"
@@ -32,12 +33,6 @@ SITE = REPO / "nginx" / "appliance.conf"
 INSTALL = REPO / "scripts" / "install.sh"
 UNINSTALL = REPO / "scripts" / "uninstall.sh"
 MiB = 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def unit_entries(path: Path) -> list[tuple[str, str, str]]:
@@ -701,10 +696,7 @@ def test_doctor_port_free_and_busy(tmp_path: Path) -> None:
     report = Recorder()
     port = free_port()
     doctor.check_port(report, "127.0.0.1", port)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        busy = s.getsockname()[1]
+    with busy_port() as busy:
         doctor.check_port(report, "127.0.0.1", busy)
         code, text = run(make_settings(tmp_path, port=busy))
     assert report.calls[0] == ("OK", "port", f"127.0.0.1:{port} is free")

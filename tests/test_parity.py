@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import socket
 import subprocess
 import sys
 from typing import Any
@@ -26,7 +25,7 @@ from appliance.chat_cli import chat
 from appliance.config import Settings
 from appliance.doctor import check_models, check_port
 from appliance.engine.types import Finish, Token, Usage
-from tests.conftest import REPO
+from tests.conftest import REPO, busy_port
 from tests.fakes import FakeEmbedder, Scripted
 
 
@@ -142,11 +141,9 @@ def test_terminal_chat_keeps_the_conversation() -> None:
 
 
 def test_doctor_port_taken_by_something_else_fails() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
+    with busy_port() as port:
         lines, report = reports()
-        check_port(report, "127.0.0.1", s.getsockname()[1])
+        check_port(report, "127.0.0.1", port)
     assert lines[0][0] == "FAIL" and "already in use" in lines[0][2]
 
 
