@@ -149,16 +149,16 @@ async def test_thread_storage_grows_linearly_with_its_history(tmp_path: Path) ->
     async with agent_service(tmp_path, agent_memory_k=0) as agent:
         sizes = {}
         filler = "lorem ipsum dolor sit amet " * 40  # ~1 KB a turn, so history dominates the file
-        for turn in range(1, 51):
+        for turn in range(1, 31):
             agent.backend.then(ok(f"Answer {turn}: {filler}"))  # type: ignore[attr-defined]
             _, events = await run(agent, f"Turn {turn}: {filler}", thread="long")
             assert isinstance(events[-1], Finish), events[-1]
-            if turn in (25, 50):
+            if turn in (15, 30):
                 sizes[turn] = await used_bytes(agent)
         # linear: twice the history takes about twice the space (it took 4x when every step kept a copy)
-        assert sizes[50] < 2.6 * sizes[25] + 64 * 1024, sizes
+        assert sizes[30] < 2.6 * sizes[15] + 64 * 1024, sizes
         state = await agent.graph.aget_state({"configurable": {"thread_id": stored_id("default", "long")}})
-        assert len(state.values["messages"]) == 100  # the whole history is still there
+        assert len(state.values["messages"]) == 60  # the whole history is still there
         async with agent.threads.conn.execute(
             "SELECT COUNT(*) FROM checkpoints WHERE thread_id = ?", (stored_id("default", "long"),)
         ) as cur:
