@@ -208,4 +208,4 @@ def test_an_early_worker_started_differently_is_replaced(tmp_path) -> None:
 
     pid, slots = asyncio.run(run())
     assert pid != early.pid and slots == 1
-    assert not early.proc.is_alive()
+    assert not early.alive

@@ -1,5 +1,9 @@
-"""A model worker's process: spawned (the `spawn` context: no inherited threads or locks) and, once an event
-loop is there to hear it, attached to a thread that reads its pipe.
+"""A model worker's process: spawned (a fresh interpreter: no inherited threads, locks or file descriptors
+but its end of the pipe) and, once an event loop is there to hear it, attached to a thread that reads its pipe.
+
+It is started with `subprocess`, not multiprocessing's `spawn`, which would first re-import the parent's
+`__main__` (`appliance.cli`, with pydantic-settings: ~0.25 s of every worker start); the child gets the
+parent's `sys.path` and its spec as the first two messages, as multiprocessing would send them.
 
 Spawning and attaching are two steps so that `appliance serve` can spawn the default model's worker before
 it imports the HTTP layer (`spawn_early`): the worker's own imports and model load (about 1 s on 2 cores)
@@ -12,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing as mp
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +28,15 @@ from appliance.backends.llamacpp.protocol import Stop, ToWorker
 from appliance.catalog import ModelFileError, peek_model_path
 from appliance.config import ConfigError, LlamaCppBackendSpec, ModelsFile, Settings
 
-_SPAWN = mp.get_context("spawn")
+# The child's whole program: read sys.path, then the spec, then serve (worker.main) on the inherited pipe.
+_CHILD = (
+    "import sys\n"
+    "from multiprocessing.connection import Connection\n"
+    "conn = Connection(int(sys.argv[1]))\n"
+    "sys.path[:] = conn.recv()\n"
+    "from appliance.backends.llamacpp.worker import main\n"
+    "main(conn, conn.recv())\n"
+)
 
 
 def worker_spec(path: Path, spec: LlamaCppBackendSpec, settings: Settings, parallel: int) -> dict[str, Any]:
@@ -50,12 +64,14 @@ class WorkerProcess:
 
     def __init__(self, spec: dict[str, Any]):
         self.spec = spec
-        self.conn, child = _SPAWN.Pipe()
-        self.proc = _SPAWN.Process(target=worker_mod.main, args=(child, spec), daemon=True)
-        self.proc.start()
+        self.conn, child = mp.Pipe()
+        fd = child.fileno()
+        self.proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(fd)], pass_fds=(fd,), stdin=subprocess.DEVNULL)
         child.close()
         self._send_lock = threading.Lock()
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.send(list(sys.path))  # both wait in the pipe until the child reads them
+        self.send(spec)
 
     def attach(self, loop: asyncio.AbstractEventLoop, on_message, on_exit) -> None:
         """Deliver the worker's messages, and its exit, as calls on `loop`."""
@@ -66,7 +82,7 @@ class WorkerProcess:
     def pid(self) -> int | None:
         return self.proc.pid
 
-    def send(self, msg: ToWorker) -> bool:
+    def send(self, msg: ToWorker | list[str] | dict[str, Any]) -> bool:
         try:
             with self._send_lock:
                 self.conn.send(msg)
@@ -81,8 +97,7 @@ class WorkerProcess:
                 self._call(self._on_message, self, msg)
         except (EOFError, OSError):
             pass
-        self.proc.join()
-        self._call(self._on_exit, self, self.proc.exitcode)
+        self._call(self._on_exit, self, self.proc.wait())
 
     def _call(self, fn, *args) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: we are shutting down
@@ -91,12 +106,18 @@ class WorkerProcess:
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the worker to exit; kill it if it does not."""
         self.send(Stop())
-        self.proc.join(timeout)
-        if self.proc.is_alive():
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
             self.proc.kill()
-            self.proc.join(2)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(2)
         with contextlib.suppress(OSError):
             self.conn.close()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
 
 @dataclass
