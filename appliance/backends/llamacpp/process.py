@@ -1,9 +1,10 @@
 """A model worker's process: spawned (a fresh interpreter: no inherited threads, locks or file descriptors
 but its end of the pipe) and, once an event loop is there to hear it, attached to a thread that reads its pipe.
 
-It is started with `subprocess`, not multiprocessing's `spawn`, which would first re-import the parent's
-`__main__` (`appliance.cli`, with pydantic-settings: ~0.25 s of every worker start); the child gets the
-parent's `sys.path` and its spec as the first two messages, as multiprocessing would send them.
+It is started with `subprocess` (`python -m appliance.backends.llamacpp.worker_main FD`), not
+multiprocessing's `spawn`, which would first re-import the parent's `__main__` (`appliance.cli`, with
+pydantic-settings: ~0.25 s of every worker start); the child gets the parent's `sys.path` and its spec as the
+first two messages, as multiprocessing would send them.
 
 Spawning and attaching are two steps so that `appliance serve` can spawn the default model's worker before
 it imports the HTTP layer (`spawn_early`): the worker's own imports and model load (about 1 s on 2 cores)
@@ -27,16 +28,6 @@ from appliance.backends.llamacpp import worker as worker_mod
 from appliance.backends.llamacpp.protocol import Stop, ToWorker
 from appliance.catalog import ModelFileError, peek_model_path
 from appliance.config import ConfigError, LlamaCppBackendSpec, ModelsFile, Settings
-
-# The child's whole program: read sys.path, then the spec, then serve (worker.main) on the inherited pipe.
-_CHILD = (
-    "import sys\n"
-    "from multiprocessing.connection import Connection\n"
-    "conn = Connection(int(sys.argv[1]))\n"
-    "sys.path[:] = conn.recv()\n"
-    "from appliance.backends.llamacpp.worker import main\n"
-    "main(conn, conn.recv())\n"
-)
 
 
 def worker_spec(path: Path, spec: LlamaCppBackendSpec, settings: Settings, parallel: int) -> dict[str, Any]:
@@ -66,7 +57,8 @@ class WorkerProcess:
         self.spec = spec
         self.conn, child = mp.Pipe()
         fd = child.fileno()
-        self.proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(fd)], pass_fds=(fd,), stdin=subprocess.DEVNULL)
+        argv = [sys.executable, "-m", "appliance.backends.llamacpp.worker_main", str(fd)]
+        self.proc = subprocess.Popen(argv, pass_fds=(fd,), stdin=subprocess.DEVNULL)
         child.close()
         self._send_lock = threading.Lock()
         self.loop: asyncio.AbstractEventLoop | None = None

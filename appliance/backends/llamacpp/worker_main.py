@@ -1,0 +1,22 @@
+"""A model worker's entry point: `python -m appliance.backends.llamacpp.worker_main FD` (process.py starts it).
+
+FD is the worker's end of the pipe; the parent's `sys.path` and the worker's spec come first on it, then
+`worker.main` serves. Nothing here imports llama.cpp before the path is the parent's.
+"""
+
+from __future__ import annotations
+
+import sys
+from multiprocessing.connection import Connection
+
+
+def run(fd: int) -> None:
+    conn = Connection(fd)
+    sys.path[:] = conn.recv()
+    from appliance.backends.llamacpp.worker import main
+
+    main(conn, conn.recv())
+
+
+if __name__ == "__main__":
+    run(int(sys.argv[1]))
