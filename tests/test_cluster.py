@@ -8,6 +8,7 @@ The tests share one cluster and run in file order; the last one kills a node. Ou
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import os
@@ -197,6 +198,29 @@ def test_db_upgrade_twice_at_once_is_safe(pg: Postgres) -> None:
     assert status.returncode == 0 and "schema version 2 of 2" in status.stdout
 
 
+async def test_a_thread_runs_one_turn_at_a_time_across_nodes(pg: Postgres) -> None:
+    """Two stores (two nodes) on one database: a thread claimed by one is refused to the other until it is
+    released, or until the claiming node's connection ends (a node that dies frees its threads)."""
+    from appliance.agent.threads_pg import PostgresThreadStore
+
+    url = pg.create_db("claims_unit")
+    a, b = PostgresThreadStore(url), PostgresThreadStore(url)
+    try:
+        assert await a.claim("u1/t1") and await a.claim("u1/t2")
+        assert not await b.claim("u1/t1") and not await b.claim("u1/t2")
+        assert await b.claim("u1/t3")  # another thread is free
+        a.release("u1/t1")
+        await asyncio.sleep(0)  # the release runs as a task of its own (a cancelled turn still releases)
+        await asyncio.gather(*a._releases)
+        assert await b.claim("u1/t1")
+        await a._claims.close()  # node a's connection ends: so do its locks
+        assert await b.claim("u1/t2")
+        assert not await a.claim("u1/t3")  # a reconnects for its next claim; b still holds t3
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_postgres_response_store(pg: Postgres) -> None:
     """Stored Responses API responses in the shared database: per owner, bounded, deletable, with the
     conversation and the request's input, from either of two stores (nodes) on it."""
@@ -340,6 +364,25 @@ def test_a_thread_alternated_between_nodes_keeps_its_history(cluster: SimpleName
     assert httpx.get(f"{a}/v1/threads/{tid}", headers=auth(cluster.keys["bob"]), timeout=30).status_code == 404
     assert httpx.delete(f"{a}/v1/threads/{tid}", headers=auth(key), timeout=30).status_code == 200
     assert httpx.get(f"{b}/v1/threads/{tid}", headers=auth(key), timeout=30).status_code == 404
+
+
+def test_a_thread_busy_on_one_node_is_refused_on_the_other(cluster: SimpleNamespace) -> None:
+    a, b = (n.base_url for n in cluster.nodes)
+    key, tid = cluster.keys["alice"], "one-at-a-time"
+    msgs = [{"role": "user", "content": "Tell me a story."}]
+    body = {"model": "agent", "messages": msgs, "max_tokens": 48, "stream": True}
+    headers = auth(key, **{"X-Thread-Id": tid})
+    with httpx.stream("POST", f"{a}/v1/chat/completions", json=body, headers=headers, timeout=300) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        next(line for line in lines if line.startswith("data: "))  # admitted: node a runs the turn
+        other = turn(b, key, tid, "Meanwhile, on node b?")
+        rest = list(lines)
+    assert other.status_code == 409, other.text
+    assert other.json()["error"]["code"] == "thread_busy" and "another node" in other.json()["error"]["message"]
+    assert "data: [DONE]" in rest
+    again = turn(b, key, tid, "Now on node b.")  # the turn on node a is over: node b may run the next
+    assert again.status_code == 200, again.text
 
 
 def test_a_rate_limit_holds_across_nodes(cluster: SimpleNamespace) -> None:

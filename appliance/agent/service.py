@@ -196,16 +196,26 @@ class AgentService:
             )
         self.busy.add(key)  # no await since the check: nothing can slip in between
         try:
-            yield Token("")  # admitted: the run's own errors (timeouts, memory) now come as events
-            try:  # on first use the embedding model loads now: bounded by its own wait, not the run's timeout
-                await self.embeddings.wait_ready()
-            except EngineError as e:
-                yield e.error
-                return
-            from appliance.agent.runner import run_agent
+            if not await self.threads.claim(key):  # several boxes: another node runs a turn of it
+                raise EngineError.of(
+                    409,
+                    f"Thread '{tid}' is busy with another request (on another node); retry when it has finished.",
+                    code="thread_busy",
+                    param="X-Thread-Id",
+                )
+            try:
+                yield Token("")  # admitted: the run's own errors (timeouts, memory) now come as events
+                try:  # on first use the embedding model loads now: bounded by its own wait, not the run's timeout
+                    await self.embeddings.wait_ready()
+                except EngineError as e:
+                    yield e.error
+                    return
+                from appliance.agent.runner import run_agent
 
-            async for ev in run_agent(self, req, key, meta is None, entry_id, model_id):
-                yield ev
+                async for ev in run_agent(self, req, key, meta is None, entry_id, model_id):
+                    yield ev
+            finally:
+                self.threads.release(key)
         finally:
             self.busy.discard(key)
 

@@ -125,6 +125,14 @@ class ThreadStoreLike(Protocol):
     async def prune(self, thread_id: str) -> int: ...
     async def move_scope(self, old: str, new: str) -> dict[str, str]: ...
     async def delete(self, thread_id: str) -> None: ...
+    async def claim(self, thread_id: str) -> bool:
+        """Mark the thread as running a turn for every node sharing the store: False when another node runs
+        one. (Within a node the agent service's own set decides; one node's store always says True.)"""
+        ...
+
+    def release(self, thread_id: str) -> None:
+        """End a claim; never blocks, and happens even when the turn's task is being cancelled."""
+        ...
 
 
 class ThreadStore:
@@ -310,3 +318,9 @@ class ThreadStore:
         async with self.saver.lock:
             await self.conn.execute("DELETE FROM threads WHERE id = ?", (thread_id,))
             await self.conn.commit()
+
+    async def claim(self, thread_id: str) -> bool:
+        return True  # one node: the agent service's busy set is the whole truth
+
+    def release(self, thread_id: str) -> None:
+        pass

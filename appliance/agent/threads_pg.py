@@ -12,6 +12,8 @@ node reads the same rows.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 import time
 from typing import Any
 
@@ -19,6 +21,7 @@ from appliance.agent.threads import ThreadMeta, ThreadStore, ThreadStoreLike, fr
 from appliance.config import Settings
 from appliance.db import redact
 
+log = logging.getLogger("appliance.agent")
 POOL_MIN, POOL_MAX = 1, 10
 CHECKPOINT_TABLES = ("checkpoints", "checkpoint_blobs", "checkpoint_writes")
 _COLS = "id, scope, model, title, created_at, updated_at"
@@ -38,6 +41,9 @@ class PostgresThreadStore:
         self.pool_max = pool_max
         self.pool: Any = None
         self.saver: Any = None
+        self._claims: Any = None  # one connection holding this node's thread locks (session advisory locks)
+        self._claims_lock = asyncio.Lock()
+        self._releases: set[asyncio.Task] = set()
 
     @property
     def where(self) -> str:
@@ -62,9 +68,50 @@ class PostgresThreadStore:
         self.pool, self.saver = pool, AsyncPostgresSaver(pool)
 
     async def close(self) -> None:
+        if self._releases:
+            await asyncio.gather(*self._releases, return_exceptions=True)
+        if self._claims is not None:
+            claims, self._claims = self._claims, None
+            await claims.close()  # a session's advisory locks end with it
         if self.pool is not None:
             pool, self.pool = self.pool, None
             await pool.close()
+
+    # -- a turn at a time per thread, across nodes ---------------------------------------------------------
+    # A session-level advisory lock per running thread, all on one connection of this node's: a node that
+    # dies (or loses that connection) releases its threads with it, so nothing stays "busy" after a crash.
+
+    @staticmethod
+    def _lock_key(thread_id: str) -> int:
+        return int.from_bytes(hashlib.blake2b(thread_id.encode(), digest_size=8).digest(), "big", signed=True)
+
+    async def _locked(self, sql: str, thread_id: str) -> bool:
+        from psycopg import AsyncConnection
+
+        async with self._claims_lock:
+            if self._claims is None or self._claims.closed:
+                self._claims = await AsyncConnection.connect(self.url, autocommit=True, connect_timeout=10)
+            try:
+                cur = await self._claims.execute(sql, (self._lock_key(thread_id),))
+                row = await cur.fetchone()
+            except Exception:
+                await self._claims.close()  # its locks go with it; the next claim reconnects
+                raise
+            return bool(row and row[0])
+
+    async def claim(self, thread_id: str) -> bool:
+        return await self._locked("SELECT pg_try_advisory_lock(%s)", thread_id)
+
+    def release(self, thread_id: str) -> None:
+        async def unlock() -> None:
+            try:
+                await self._locked("SELECT pg_advisory_unlock(%s)", thread_id)
+            except Exception as e:  # the connection is closed by now, and the lock with it
+                log.warning("thread %s: unlocking failed (%s); its lock ended with the connection", thread_id, e)
+
+        task = asyncio.get_running_loop().create_task(unlock())
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
 
     async def _rows(self, sql: str, args: tuple | list = ()) -> list[dict[str, Any]]:
         async with self.pool.connection() as conn:
