@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import math
 import re
 import time
@@ -24,14 +25,23 @@ from langchain_core.outputs import ChatGenerationChunk
 from pydantic import Field
 from starlette.applications import Starlette
 
-from appliance.agent.graph import ANSWER_NOTE, AgentOptions, build_graph
+from appliance.agent.graph import ANSWER_NOTE, MEMORY_NOTE, MEMORY_PREFIX, AgentOptions, build_graph
 from appliance.agent.service import AgentService
 from appliance.agent.threads import stored_id
 from appliance.api import threads as threads_api
 from appliance.api.errors import engine_error_handler
 from appliance.api.protocol.threads import message_of
 from appliance.engine.router import Engine
-from appliance.engine.types import EngineError, Error, Finish, GenerateRequest, Message, Token, ToolChoice
+from appliance.engine.types import (
+    EngineError,
+    Error,
+    Finish,
+    GenerateRequest,
+    Message,
+    SamplingParams,
+    Token,
+    ToolChoice,
+)
 from tests.fakes import ScriptedBackend, Step, calls, ok, scripted_registry, settings, slow
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -165,7 +175,7 @@ async def summaries(agent: AgentService, scope: str) -> list[str]:
 
 async def test_model_calls_a_tool_then_answers_with_its_result(agent: AgentService, backend: ScriptedBackend) -> None:
     backend.then(calls(("calculator", {"expression": "12 * 7"})), ok("12 times 7 is 84."))
-    req, events = await run(agent, "What is 12 * 7?", user="calc")
+    req, events = await run(agent, "What is 12 * 7?", user="calc", params=SamplingParams(temperature=0.8))
     assert answer_of(events) == "12 times 7 is 84."
     assert req.thread_id and req.thread_id.startswith("thread_")  # a new thread id, for the X-Thread-Id echo
     msgs = await thread_messages(agent, req.thread_id, "calc")
@@ -186,6 +196,9 @@ async def test_model_calls_a_tool_then_answers_with_its_result(agent: AgentServi
         and not re.fullmatch(expression["pattern"], "12")
     )
     assert [m.role for m in first.messages] == ["system", "user"] and "`calculator`" in first.messages[0].content
+    assert "12 * 7" not in json.dumps(first.tools[0].parameters)  # no example for a tiny model to copy
+    # the tool step is greedy; the answer keeps the client's sampling
+    assert first.params.temperature == 0.0 and second.params.temperature == 0.8
     # the answer: no tools, the result stated in the system prompt and the last user message
     assert second.tools == [] and [m.role for m in second.messages] == ["system", "user"]
     assert second.messages[0].content.endswith("\n\nTool result: calculator: 12 * 7 = 84")
@@ -194,6 +207,24 @@ async def test_model_calls_a_tool_then_answers_with_its_result(agent: AgentServi
     u = events[-1].usage
     assert (u.prompt_tokens, u.completion_tokens) == (6, 4 + 5)  # both model calls
     assert len(await summaries(agent, "calc")) == 1  # the answer used the result: the turn is remembered
+
+
+async def test_recalled_memories_are_stated_to_an_answer_without_results(
+    agent: AgentService, backend: ScriptedBackend
+) -> None:
+    """A turn that calls no tool (or whose search finds nothing) answers with the recalled memories stated in
+    its user message, as results are; a turn with a result of its own does not get them."""
+    await agent.memory.add("fido-owner", "The user's dog is called Biscuit.", kind="fact", thread_id="t0")
+    backend.then(calls(("respond", {})), ok("Your dog is Biscuit."))
+    await run(agent, "What is my dog called?", user="fido-owner")
+    last = backend.calls[1].messages[-1].content
+    assert last == f"What is my dog called?\n\n{MEMORY_PREFIX}The user's dog is called Biscuit.\n{MEMORY_NOTE}"
+
+    backend.calls.clear()
+    backend.then(calls(("calculator", {"expression": "2 + 2"})), ok("2 + 2 = 4."))
+    await run(agent, "What is 2 + 2 for my dog?", user="fido-owner")
+    last = backend.calls[1].messages[-1].content
+    assert MEMORY_PREFIX not in last and last.endswith(ANSWER_NOTE)
 
 
 async def test_respond_answers_without_a_stored_call(agent: AgentService, backend: ScriptedBackend) -> None:

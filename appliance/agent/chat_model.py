@@ -175,10 +175,13 @@ class EngineChatModel(BaseChatModel):
         tool_choice: ToolChoice | None = None,
         parallel_tool_calls: bool = True,
         max_tokens: int | None = None,
+        temperature: float | None = None,
     ) -> GenerateRequest:
         params = dataclasses.replace(self.params, stop=[*self.params.stop, *(stop or [])][:4])
         if max_tokens is not None:  # a step's own budget (a tool call), not the client's answer length
             params.max_tokens = max_tokens
+        if temperature is not None:  # a step's own sampling (the agent's tool choice is greedy)
+            params.temperature = temperature
         return GenerateRequest(
             model=self.model,
             messages=to_engine_messages(messages),
@@ -206,6 +209,7 @@ class EngineChatModel(BaseChatModel):
             kwargs.get("tool_choice"),
             kwargs.get("parallel_tool_calls", True),
             kwargs.get("max_tokens"),
+            kwargs.get("temperature"),
         )
         task = asyncio.current_task()
         if task is not None:

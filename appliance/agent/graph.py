@@ -13,7 +13,9 @@ START → recall → agent ─┬─(tool calls)→ tools → agent …
   call; `respond` is a routing signal, not a tool, and is never stored. With `"auto"` the model calls a
   tool or answers in text. After `tool_rounds` steps with tool calls (or on `respond`) the agent answers
   without tools, the turn's tool results stated in the system prompt and in its last user message
-  ("Tool result: calculator: 12 * 7 = 84 / Answer with this result." — what even a 135M model copies).
+  ("Tool result: calculator: 12 * 7 = 84 / Answer with this result." — what even a 135M model copies); a turn
+  without results of its own gets the recalled memories stated there the same way ("Remembered: …").
+  Tool-calling steps are greedy (temperature 0); the answer keeps the client's sampling.
 * tools: LangGraph's ToolNode runs the calls; the assistant's calls and the ToolMessages are part of the
   thread (GET /v1/threads/{id} shows them).
 * remember: a summary of the turn goes to memory (kind "summary") for later threads — unless the answer
@@ -65,8 +67,10 @@ TOOL_GUIDE = (
     "user tells you something about themselves to remember."
 )
 FORCED_GUIDE = " Otherwise call `respond`."
+MEMORY_PREFIX = "Remembered: "  # recalled memories, stated in the answer step's user message like results
 RESULT_PREFIX = "Tool result: "  # how a result is stated to the model (small models copy it best so)
 ANSWER_NOTE = "Answer with this result."
+MEMORY_NOTE = "Answer with what you remember."
 
 
 @dataclass
@@ -201,10 +205,23 @@ def build_prompt(state: AgentState, ctx: AgentContext, opts: AgentOptions, step:
         trimmed = history[i:] if i >= 0 else history[-1:]
     if step == "answer":
         turns = fold(trimmed, ANSWER_NOTE)
+        notes = memory_notes(state)
+        if notes and turns and isinstance(turns[-1], HumanMessage):
+            turns[-1] = HumanMessage(content=f"{text_of(turns[-1])}\n\n" + "\n".join(notes) + f"\n{MEMORY_NOTE}")
     else:
         i = last_human_index(trimmed)
         turns = [*fold(trimmed[: i + 1]), *trimmed[i + 1 :]]
     return [SystemMessage(content="\n\n".join(system)), *turns]
+
+
+def memory_notes(state: AgentState) -> list[str]:
+    """The recalled memories as the answer step states them in the user's message (what a tiny model copies),
+    when the turn has no result of its own to answer with: no tool was called, or search_memory found nothing."""
+    memories = state.get("memories") or []
+    results = [m for m in current_turn(state["messages"]) if isinstance(m, ToolMessage)]
+    if not memories or any(m.name != "search_memory" or text_of(m).startswith("- ") for m in results):
+        return []
+    return [f"{MEMORY_PREFIX}{t}" for t in memories]
 
 
 # -- did the answer use the tools' results? ----------------------------------------------------------------
@@ -296,6 +313,15 @@ def build_graph(memory: Any | None, checkpointer: Any, opts: AgentOptions | None
             response_metadata=reply.response_metadata,
         )
 
+    def reply_message(reply: BaseMessage, *before: BaseMessage, **extra: Any) -> AIMessage:
+        return AIMessage(
+            content=text_of(reply),
+            id=reply.id,
+            usage_metadata=_usage_sum(*before, reply),  # type: ignore[arg-type]
+            response_metadata=reply.response_metadata,
+            **extra,
+        )
+
     async def agent(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
         ctx = runtime.context
         rounds = sum(1 for m in current_turn(state["messages"]) if isinstance(m, AIMessage) and m.tool_calls)
@@ -304,31 +330,17 @@ def build_graph(memory: Any | None, checkpointer: Any, opts: AgentOptions | None
         forced = opts.tool_choice == "forced" and rounds == 0
         offered: list[Any] = [*tools, RESPOND] if forced else list(tools)
         # A call gets its own token budget: the client's max_tokens is for the answer, and a call cut short
-        # by it would run with half its arguments (seen: "12" for "12 * 7" at max_tokens 24).
-        model = ctx.model.bind_tools(offered, tool_choice="required" if forced else "auto", max_tokens=TOOL_STEP_TOKENS)
+        # by it would run with half its arguments (seen: "12" for "12 * 7" at max_tokens 24). Tool steps
+        # are greedy: a tiny model's best guess is its most likely one.
+        choice = "required" if forced else "auto"
+        model = ctx.model.bind_tools(offered, tool_choice=choice, max_tokens=TOOL_STEP_TOKENS, temperature=0.0)
         reply = await model.ainvoke(build_prompt(state, ctx, opts, "forced" if forced else "tools"))
         cut = reply.response_metadata.get("finish_reason") == "length"  # an unfinished call is never run
         calls = [] if cut else [c for c in reply.tool_calls if c["name"] in opts.tool_names]
         if calls:
-            msg = AIMessage(
-                content=text_of(reply),
-                tool_calls=calls,
-                id=reply.id,
-                usage_metadata=reply.usage_metadata,
-                response_metadata=reply.response_metadata,
-            )
-            return {"messages": [msg]}
+            return {"messages": [reply_message(reply, tool_calls=calls)]}
         if text_of(reply).strip():  # an answer in words (auto, or a backend that answered anyway)
-            return {
-                "messages": [
-                    AIMessage(
-                        content=text_of(reply),
-                        id=reply.id,
-                        usage_metadata=reply.usage_metadata,
-                        response_metadata=reply.response_metadata,
-                    )
-                ]
-            }
+            return {"messages": [reply_message(reply)]}
         return {"messages": [await answer(state, ctx, [reply])]}  # `respond`, or nothing usable
 
     async def remember(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
