@@ -230,7 +230,7 @@ async def rss_growth(t: Target, model: str, n_requests: int, concurrency: int = 
 async def run_all(ts: list[Target], args: argparse.Namespace) -> None:
     import httpx
 
-    from appliance.bench_scenarios import SCENARIOS, Config
+    from appliance.bench_scenarios import LAST, SCENARIOS, Config
 
     nonce = secrets.token_hex(4)
     quick = dict(tokens=16, reps=1, turns=2, rounds=2, health_chats=20, health_tokens=4, doc_words=2, answer_tokens=16)
@@ -242,7 +242,8 @@ async def run_all(ts: list[Target], args: argparse.Namespace) -> None:
             raise SystemExit(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}")
     for t in ts:
         t.model = _model_of(t)
-    for name in names:
+
+    async def scenario(name: str) -> None:
         for t in ts:
             cfg = Config(model=t.model, nonce=f"{nonce}-{t.name}", **{**base, **quick})
             print(f"{name} on {t.name} ...", file=sys.stderr)
@@ -252,6 +253,10 @@ async def run_all(ts: list[Target], args: argparse.Namespace) -> None:
                 except Exception as e:  # one server's failure must not lose the others' figures
                     t.errors[name] = f"{type(e).__name__}: {e}"
                     print(f"  {name} failed on {t.name}: {t.errors[name]}", file=sys.stderr)
+
+    for name in names:
+        if name not in LAST:
+            await scenario(name)
     requests = 20 if args.quick else args.requests
     for t in ts:
         if t.pid is not None and requests:
@@ -265,6 +270,9 @@ async def run_all(ts: list[Target], args: argparse.Namespace) -> None:
     for t in ts:
         if (rss := t.rss()) is not None:
             t.metrics["rss_idle_mib"] = rss / 2**20
+    for name in names:
+        if name in LAST:
+            await scenario(name)
     if args.direct:
         ts.append(direct(args, f"{nonce}-direct", quick))
 

@@ -335,7 +335,7 @@ async def embedding_load(c: httpx.AsyncClient, cfg: Config) -> dict[str, float]:
     """Decode speed while the embedding model loads, over decode speed alone, and how long the first
     /v1/embeddings request took. The appliance loads that model on first use, in a process of its own at low
     CPU priority with one thread: the generation running meanwhile should keep its speed. Needs a server that
-    has not loaded it yet (a fresh one: `appliance bench` starts one)."""
+    has not loaded it yet (a fresh one: `appliance bench` starts one, and runs this scenario last)."""
     models = (await c.get("/v1/models")).json().get("data") or []
     if not any(m.get("id") == EMBEDDING_MODEL for m in models):
         return {}
@@ -360,7 +360,6 @@ async def embedding_load(c: httpx.AsyncClient, cfg: Config) -> dict[str, float]:
 
 
 SCENARIOS = {
-    "embed_load": embedding_load,  # first: the embedding model must not be loaded yet
     "decode": decode,
     "repeated": repeated_prompt,
     "interleaved": interleaved,
@@ -368,4 +367,6 @@ SCENARIOS = {
     "shared": shared_system_prompt,
     "json": json_grammar,
     "health": health_under_load,
+    "embed_load": embedding_load,  # last, after the idle RSS (bench.py): it loads the embedding model
 }
+LAST = ("embed_load",)  # run after the idle RSS is measured: the RSS target is before any embedding request

@@ -73,7 +73,8 @@ class Settings(BaseSettings):
     batch_invariant: bool = Field(
         False,
         description="outputs independent of batching and caching (compute passes under 64 tokens): the same "
-        "prompt gives the same tokens alone, batched or from a cache, for ~20% slower prompt processing",
+        "prompt gives the same tokens alone, batched or from a cache, for slower prompt processing (measured on "
+        "2 cores: 5.3 s instead of 3.75 s for ~1,100 tokens)",
     )
     kv_cache_type: KVCacheType = Field(
         "f16", description="KV cache element type; q8_0 halves its memory (and turns flash attention on)"
