@@ -368,7 +368,7 @@ def nginx_fake_upstream(tmp_path: Path, tls_cert: Path) -> Iterator[SimpleNamesp
     from http.server import ThreadingHTTPServer
 
     upstream = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    threading.Thread(target=upstream.serve_forever, args=(0.05,), daemon=True).start()
     https_port = free_port()
     conf = render_nginx(tmp_path, tls_cert, upstream.server_port, free_port(), https_port)
     proc = subprocess.Popen(
@@ -768,7 +768,7 @@ def test_doctor_http_backends() -> None:
             pass
 
     server = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
         up = RemoteBackendSpec(type="remote", base_url=f"http://127.0.0.1:{server.server_port}/v1", model="x")
         down = OllamaBackendSpec(type="ollama", base_url=f"http://127.0.0.1:{free_port()}", model="x")

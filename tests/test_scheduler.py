@@ -1,4 +1,6 @@
-"""The worker's continuous-batching scheduler, in process, on the real embedded model (correctness, not timing)."""
+"""The worker's continuous-batching scheduler, in process, on the real embedded model (correctness, not timing).
+
+Slow tier: the real model generates in every test (~20 s in all on 2 cores)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ from appliance.backends.llamacpp.scheduler import Job
 from appliance.backends.llamacpp.worker import _Worker
 from appliance.catalog import embedded_smollm2
 from appliance.engine.types import Message, SamplingParams
+
+pytestmark = pytest.mark.slow
 
 PROMPTS = [
     "Name three colours.",

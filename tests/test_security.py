@@ -164,7 +164,8 @@ def test_allow_unauthenticated_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     async def fake_serve(settings: Settings, early_worker=None) -> None:
         seen.append(settings)
         if early_worker is not None:  # `serve` spawned the model's worker before importing the HTTP layer
-            early_worker.process.stop()
+            early_worker.process.proc.kill()
+            early_worker.process.proc.wait()
 
     monkeypatch.setattr(appliance.server, "serve", fake_serve)
     monkeypatch.setattr("appliance.observability.logging.setup_logging", lambda *a, **k: None)
