@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import math
 import re
 import time
@@ -196,7 +195,6 @@ async def test_model_calls_a_tool_then_answers_with_its_result(agent: AgentServi
         and not re.fullmatch(expression["pattern"], "12")
     )
     assert [m.role for m in first.messages] == ["system", "user"] and "`calculator`" in first.messages[0].content
-    assert "12 * 7" not in json.dumps(first.tools[0].parameters)  # no example for a tiny model to copy
     # the tool step is greedy; the answer keeps the client's sampling
     assert first.params.temperature == 0.0 and second.params.temperature == 0.8
     # the answer: no tools, the result stated in the system prompt and the last user message

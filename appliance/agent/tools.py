@@ -103,7 +103,7 @@ Expression = Annotated[
     str,
     Field(
         pattern=r"^[(]*-?[0-9]+([.][0-9]+)?[)]*( *([-+*/%]|[*][*]) *[(]*-?[0-9]+([.][0-9]+)?[)]*)+$",
-        description="numbers and operators only",  # no example: a tiny model copied "12 * 7" into any call
+        description="e.g. 12 * 7",
     ),
 ]
 Fact = Annotated[str, Field(min_length=3, description="one sentence about the user")]
