@@ -36,6 +36,7 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr
 
+from appliance.backends.base import Tokenizes
 from appliance.engine.types import (
     EngineError,
     Error,
@@ -145,6 +146,24 @@ class EngineChatModel(BaseChatModel):
         for task in list(self._running):
             task.cancel()
 
+    async def first_tokens(self, words: Sequence[str]) -> dict[int, str] | None:
+        """Each word's first token id in this model's own vocabulary: when the engine has the model's tokenizer
+        (a llama.cpp model) and no two words share a first token; else None."""
+        try:
+            entry = self.engine.registry.get(self.model)
+        except EngineError:
+            return None
+        tokenizer = next((b for b in entry.backends if isinstance(b, Tokenizes)), None)
+        if tokenizer is None:
+            return None
+        out: dict[int, str] = {}
+        for word in words:
+            ids = await tokenizer.tokenize(word)
+            if not ids or ids[0] in out:
+                return None
+            out[ids[0]] = word
+        return out
+
     @property
     def _llm_type(self) -> str:
         return "appliance-engine"
@@ -176,12 +195,15 @@ class EngineChatModel(BaseChatModel):
         parallel_tool_calls: bool = True,
         max_tokens: int | None = None,
         temperature: float | None = None,
+        logit_bias: dict[int, float] | None = None,
     ) -> GenerateRequest:
         params = dataclasses.replace(self.params, stop=[*self.params.stop, *(stop or [])][:4])
         if max_tokens is not None:  # a step's own budget (a tool call), not the client's answer length
             params.max_tokens = max_tokens
         if temperature is not None:  # a step's own sampling (the agent's tool choice is greedy)
             params.temperature = temperature
+        if logit_bias:  # a step's own token restriction (the agent's choice of a message's kind)
+            params.logit_bias = dict(logit_bias)
         return GenerateRequest(
             model=self.model,
             messages=to_engine_messages(messages),
@@ -210,6 +232,7 @@ class EngineChatModel(BaseChatModel):
             kwargs.get("parallel_tool_calls", True),
             kwargs.get("max_tokens"),
             kwargs.get("temperature"),
+            kwargs.get("logit_bias"),
         )
         task = asyncio.current_task()
         if task is not None:

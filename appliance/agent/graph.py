@@ -48,6 +48,7 @@ from langgraph.prebuilt.tool_node import TOOL_CALL_ERROR_TEMPLATE
 from langgraph.runtime import Runtime
 
 from appliance.agent.chat_model import text_of
+from appliance.agent.choice import choose_tool
 from appliance.agent.tools import all_tools, answer_keys
 from appliance.engine.types import EngineError, Tool
 
@@ -329,19 +330,28 @@ def build_graph(memory: Any | None, checkpointer: Any, opts: AgentOptions | None
             return {"messages": [await answer(state, ctx, [])]}
         forced = opts.tool_choice == "forced" and rounds == 0
         offered: list[Any] = [*tools, RESPOND] if forced else list(tools)
+        choice: Any = "required" if forced else "auto"
+        before: list[BaseMessage] = []
+        human = last_human(state["messages"])
+        if forced and human is not None:  # first the kind of message, as one token (agent/choice.py)
+            chosen, label = await choose_tool(ctx.model, human, opts.tool_names)
+            before = [label] if label is not None else []
+            if chosen == RESPOND.name:
+                return {"messages": [await answer(state, ctx, before)]}
+            if chosen is not None:
+                offered, choice, forced = [t for t in tools if t.name == chosen], chosen, False
         # A call gets its own token budget: the client's max_tokens is for the answer, and a call cut short
         # by it would run with half its arguments (seen: "12" for "12 * 7" at max_tokens 24). Tool steps
         # are greedy: a tiny model's best guess is its most likely one.
-        choice = "required" if forced else "auto"
         model = ctx.model.bind_tools(offered, tool_choice=choice, max_tokens=TOOL_STEP_TOKENS, temperature=0.0)
         reply = await model.ainvoke(build_prompt(state, ctx, opts, "forced" if forced else "tools"))
         cut = reply.response_metadata.get("finish_reason") == "length"  # an unfinished call is never run
         calls = [] if cut else [c for c in reply.tool_calls if c["name"] in opts.tool_names]
         if calls:
-            return {"messages": [reply_message(reply, tool_calls=calls)]}
+            return {"messages": [reply_message(reply, *before, tool_calls=calls)]}
         if text_of(reply).strip():  # an answer in words (auto, or a backend that answered anyway)
-            return {"messages": [reply_message(reply)]}
-        return {"messages": [await answer(state, ctx, [reply])]}  # `respond`, or nothing usable
+            return {"messages": [reply_message(reply, *before)]}
+        return {"messages": [await answer(state, ctx, [*before, reply])]}  # `respond`, or nothing usable
 
     async def remember(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
         if memory is None or not opts.summaries:

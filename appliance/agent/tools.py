@@ -106,7 +106,9 @@ Expression = Annotated[
         description="e.g. 12 * 7",
     ),
 ]
-Fact = Annotated[str, Field(min_length=3, description="one sentence about the user")]
+# One sentence that ends at its first full stop: the grammar then closes the call there (an open-ended string
+# let the 135M model write until the call's token budget ran out, and an unfinished call is never run).
+Fact = Annotated[str, Field(pattern=r'^[^.\n"\\]{3,}[.]$', description="one sentence about the user")]
 Query = Annotated[str, Field(min_length=1)]
 
 
