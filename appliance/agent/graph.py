@@ -10,11 +10,12 @@ START → recall → agent ─┬─(tool calls)→ tools → agent …
   with the tools bound (calculator, current_datetime, search_memory, save_memory). Its reply's `tool_calls`
   route the graph. With `tool_choice="forced"` (the default, for small models) the first step must call a
   tool or `respond` — a choice the backend enforces with a grammar, so even a 135M model returns a valid
-  call (on a llama.cpp model the tool is first picked as one token, agent/choice.py); `respond` is a routing signal, not a tool, and is never stored. With `"auto"` the model calls a
-  tool or answers in text. After `tool_rounds` steps with tool calls (or on `respond`) the agent answers
-  without tools, the turn's tool results stated in the system prompt and in its last user message
-  ("Tool result: calculator: 12 * 7 = 84 / Answer with this result." — what even a 135M model copies); a turn
-  without results of its own gets the recalled memories stated there the same way ("Remembered: …").
+  call (on a llama.cpp model the tool is first picked as one token, agent/choice.py); `respond` is a
+  routing signal, not a tool, and is never stored. With `"auto"` the model calls a tool or answers in text.
+  After `tool_rounds` steps with tool calls (or on `respond`) the agent answers without tools, the turn's
+  tool results stated in the system prompt and in its last user message ("Tool result: calculator: 12 * 7
+  = 84 / Answer with this result." — what even a 135M model copies); a turn without results of its own
+  gets the recalled memories stated there the same way ("Remembered: …").
   Tool-calling steps are greedy (temperature 0); the answer keeps the client's sampling.
 * tools: LangGraph's ToolNode runs the calls; the assistant's calls and the ToolMessages are part of the
   thread (GET /v1/threads/{id} shows them).
