@@ -10,11 +10,14 @@ Each `generate()` call takes the next `Step` of the backend's script (then its `
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import httpx
 
 from appliance.backends.base import Backend, BackendFactory, BackendState, BackendStatus
 from appliance.config import ModelsFile, ModelSpec, RemoteBackendSpec, Settings
@@ -297,3 +300,21 @@ class FakeEmbedder:
     async def wait_ready(self, timeout: float | None = None) -> None: ...
     def start(self) -> None: ...
     def close(self) -> None: ...
+
+
+@contextlib.asynccontextmanager
+async def app_client(tmp_path: Any, script: Any = None, **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """The whole app (`create_app`) in process over `httpx.ASGITransport`, its default model played by a
+    `Scripted` backend (`client.backend`), no agent and a fake embedder."""
+    from appliance.app import create_app
+
+    backend = Scripted(script)
+    s = Settings(
+        data_dir=tmp_path, agent_enabled=False, embeddings_preload=False, keys_file=tmp_path / "keys.toml", **settings
+    )
+    app = create_app(s, backend_factories={"llamacpp": lambda model_id, spec: backend}, embeddings=FakeEmbedder())
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://appliance") as c:
+            c.backend = backend  # type: ignore[attr-defined]
+            yield c

@@ -8,7 +8,6 @@ changes what greedy decoding picks.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from typing import Any
@@ -17,11 +16,9 @@ import httpx
 import openai
 import pytest
 
-from appliance.app import create_app
-from appliance.config import Settings
 from appliance.engine.types import Event, Finish, Token, TokenLogprob, Usage
 from tests.conftest import Server, sse
-from tests.fakes import FakeEmbedder, Scripted
+from tests.fakes import app_client
 
 CHAT = {"model": "default", "messages": [{"role": "user", "content": "hi"}]}
 LP = [
@@ -33,16 +30,8 @@ LP = [
 SCRIPT: list[Event] = [Token("Hel", LP[:1]), Token("lo", LP[1:2]), Token("€", LP[2:]), Finish("stop", Usage(5, 4))]
 
 
-@contextlib.asynccontextmanager
-async def client(tmp_path, script: list[Event] = SCRIPT):
-    backend = Scripted(script)
-    s = Settings(data_dir=tmp_path, agent_enabled=False, embeddings_preload=False, keys_file=tmp_path / "keys.toml")
-    app = create_app(s, backend_factories={"llamacpp": lambda model_id, spec: backend}, embeddings=FakeEmbedder())
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://appliance") as c:
-            c.backend = backend  # type: ignore[attr-defined]
-            yield c
+def client(tmp_path, script: list[Event] = SCRIPT):
+    return app_client(tmp_path, script)
 
 
 # -- fast: validation ------------------------------------------------------------------------------------

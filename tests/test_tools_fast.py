@@ -5,17 +5,14 @@ scripted backend."""
 from __future__ import annotations
 
 import codecs
-import contextlib
 import json
 import re
 
-import httpx
 import openai
 import pytest
 
 from appliance.api.protocol import ollama as ollama_wire
 from appliance.api.protocol import openai as openai_wire
-from appliance.app import create_app
 from appliance.backends.llamacpp.backend import LogprobSpans
 from appliance.backends.llamacpp.chat_format import ChatFormatter
 from appliance.backends.llamacpp.grammar import UnsupportedSchema, tool_gbnf
@@ -26,7 +23,6 @@ from appliance.backends.llamacpp.tool_calls import (
     markup_texts,
     template_messages,
 )
-from appliance.config import Settings
 from appliance.engine.types import (
     Finish,
     Message,
@@ -39,7 +35,7 @@ from appliance.engine.types import (
     Usage,
     assemble_tool_calls,
 )
-from tests.fakes import FakeEmbedder, Scripted
+from tests.fakes import app_client
 from tests.tool_templates import LLAMA31, QWEN25
 
 SMOLLM2 = (
@@ -262,16 +258,8 @@ def test_tool_grammar_refuses_what_it_cannot_enforce() -> None:
 # -- the OpenAI wire -----------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def client(tmp_path, script: list | None = None):
-    backend = Scripted(script)
-    s = Settings(data_dir=tmp_path, agent_enabled=False, embeddings_preload=False, keys_file=tmp_path / "keys.toml")
-    app = create_app(s, backend_factories={"llamacpp": lambda model_id, spec: backend}, embeddings=FakeEmbedder())
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://appliance") as c:
-            c.backend = backend  # type: ignore[attr-defined]
-            yield c
+def client(tmp_path, script: list | None = None):
+    return app_client(tmp_path, script)
 
 
 CALL = [

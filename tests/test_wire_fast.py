@@ -7,36 +7,22 @@ processes, no model, no sleeps.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from typing import Any
 
-import httpx
 import pytest
 
 from appliance.api.openapi import document
 from appliance.api.protocol.common import MAX_STOPS
 from appliance.api.protocol.ollama import parse_keep_alive
-from appliance.app import create_app
-from appliance.config import Settings
 from appliance.engine.types import EngineError, Error, Event, Token
 from tests.conftest import sse
-from tests.fakes import HELLO, FakeEmbedder, Scripted
+from tests.fakes import HELLO, app_client
 
 
-@contextlib.asynccontextmanager
-async def client(tmp_path, script: list[Event] | EngineError = HELLO, **settings: Any):
-    backend = Scripted(script)
-    s = Settings(
-        data_dir=tmp_path, agent_enabled=False, embeddings_preload=False, keys_file=tmp_path / "keys.toml", **settings
-    )
-    app = create_app(s, backend_factories={"llamacpp": lambda model_id, spec: backend}, embeddings=FakeEmbedder())
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://appliance") as c:
-            c.backend = backend  # type: ignore[attr-defined]
-            yield c
+def client(tmp_path, script: list[Event] | EngineError = HELLO, **settings: Any):
+    return app_client(tmp_path, script, **settings)
 
 
 CHAT = {"model": "default", "messages": [{"role": "user", "content": "hi"}]}
