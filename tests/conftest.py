@@ -55,6 +55,16 @@ def busy_port() -> Iterator[int]:
             t.join()
 
 
+def streamed_logprobs(chunks: list[Any]) -> list[Any]:
+    """The `logprobs.content` entries of streamed chat chunks (from `sse()`), in order."""
+    return [
+        e
+        for ch in chunks
+        if ch["choices"] and ch["choices"][0]["logprobs"]
+        for e in ch["choices"][0]["logprobs"]["content"]
+    ]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

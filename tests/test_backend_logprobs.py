@@ -20,7 +20,7 @@ import pytest
 
 from appliance.app import create_app
 from appliance.config import Settings
-from tests.conftest import sse
+from tests.conftest import sse, streamed_logprobs
 from tests.fakes import FakeEmbedder
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
@@ -205,12 +205,7 @@ async def test_remote_chat_forwards_logprobs_and_logit_bias(tmp_path, upstream: 
         chunks = sse(r.text)
         for ch in chunks:
             openai_schema("CreateChatCompletionStreamResponse", ch)
-        streamed = [
-            e
-            for ch in chunks
-            if ch["choices"] and ch["choices"][0]["logprobs"]
-            for e in ch["choices"][0]["logprobs"]["content"]
-        ]
+        streamed = streamed_logprobs(chunks)
         check_chat_entries(streamed)
 
         plain = await c.post("/v1/chat/completions", json={**CHAT, "model": "up-remote"})
@@ -249,13 +244,7 @@ async def test_ollama_forwards_logprobs_and_returns_them(tmp_path, upstream: Ups
         check_chat_entries(doc["choices"][0]["logprobs"]["content"], with_bytes=False)
 
         r = await c.post("/v1/chat/completions", json={**body, "stream": True})
-        streamed = [
-            e
-            for ch in sse(r.text)
-            if ch["choices"] and ch["choices"][0]["logprobs"]
-            for e in ch["choices"][0]["logprobs"]["content"]
-        ]
-        check_chat_entries(streamed, with_bytes=False)
+        check_chat_entries(streamed_logprobs(sse(r.text)), with_bytes=False)
 
         r = await c.post("/v1/completions", json={"model": "up-ollama", "prompt": "Say", "logprobs": 1})
         assert r.status_code == 200, r.text

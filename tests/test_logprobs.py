@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from appliance.engine.types import Event, Finish, Token, TokenLogprob, Usage
-from tests.conftest import Server, sse
+from tests.conftest import Server, sse, streamed_logprobs
 from tests.fakes import app_client
 
 CHAT = {"model": "default", "messages": [{"role": "user", "content": "hi"}]}
@@ -126,12 +126,7 @@ async def test_chat_logprobs_shapes(tmp_path, openai_schema) -> None:
         chunks = sse(r.text)
     for ch in chunks:
         openai_schema("CreateChatCompletionStreamResponse", ch)
-    streamed = [
-        e
-        for ch in chunks
-        if ch["choices"] and ch["choices"][0]["logprobs"]
-        for e in ch["choices"][0]["logprobs"]["content"]
-    ]
+    streamed = streamed_logprobs(chunks)
     assert [e["token"] for e in streamed] == [e["token"] for e in content]
     assert chunks[0]["choices"][0]["logprobs"] is None  # the role chunk
 
