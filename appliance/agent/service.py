@@ -215,7 +215,7 @@ class AgentService:
                 async for ev in run_agent(self, req, key, meta is None, entry_id, model_id):
                     yield ev
             finally:
-                self.threads.release(key)
+                await self.threads.release(key)
         finally:
             self.busy.discard(key)
 

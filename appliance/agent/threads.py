@@ -130,8 +130,9 @@ class ThreadStoreLike(Protocol):
         one. (Within a node the agent service's own set decides; one node's store always says True.)"""
         ...
 
-    def release(self, thread_id: str) -> None:
-        """End a claim; never blocks, and happens even when the turn's task is being cancelled."""
+    async def release(self, thread_id: str) -> None:
+        """End a claim; done before the turn's stream ends (the client's next turn may go to another node at
+        once), and done even when the turn's task is cancelled meanwhile."""
         ...
 
 
@@ -322,5 +323,5 @@ class ThreadStore:
     async def claim(self, thread_id: str) -> bool:
         return True  # one node: the agent service's busy set is the whole truth
 
-    def release(self, thread_id: str) -> None:
+    async def release(self, thread_id: str) -> None:
         pass

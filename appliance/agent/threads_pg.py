@@ -102,7 +102,7 @@ class PostgresThreadStore:
     async def claim(self, thread_id: str) -> bool:
         return await self._locked("SELECT pg_try_advisory_lock(%s)", thread_id)
 
-    def release(self, thread_id: str) -> None:
+    async def release(self, thread_id: str) -> None:
         async def unlock() -> None:
             try:
                 await self._locked("SELECT pg_advisory_unlock(%s)", thread_id)
@@ -112,6 +112,7 @@ class PostgresThreadStore:
         task = asyncio.get_running_loop().create_task(unlock())
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
+        await asyncio.shield(task)  # a cancelled turn stops waiting here; the unlock still runs
 
     async def _rows(self, sql: str, args: tuple | list = ()) -> list[dict[str, Any]]:
         async with self.pool.connection() as conn:
