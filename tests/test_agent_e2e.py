@@ -164,11 +164,6 @@ def test_memory_is_per_user_end_to_end(server: Server, client: openai.OpenAI) ->
     assert all(h["user"] == bob for h in hits)
 
 
-@pytest.mark.xfail(
-    reason="open (issue 12): the 135M model often ignores a recalled memory in its answer (scripts/eval_agent.py: "
-    "recall 1/7); the recall itself is tested above and in tests/test_agent_graph.py",
-    strict=False,
-)
 def test_the_owner_gets_a_memory_back_in_a_new_thread(server: Server, client: openai.OpenAI) -> None:
     alice = f"alice-{uuid.uuid4().hex[:6]}"
     ask(client, "Please remember that my name is Alice.", user=alice)

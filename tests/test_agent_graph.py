@@ -330,7 +330,9 @@ async def test_memory_is_saved_recalled_in_new_threads_and_isolated(
     assert msgs[1]["tool_calls"][0]["function"]["name"] == "search_memory"
     assert "Alice" in msgs[2]["content"] and "Bob" not in msgs[2]["content"]
     answer_prompt = prompt_text(backend.calls[1])
-    assert "Tool result: search_memory:" in answer_prompt and "The user's name is Alice." in answer_prompt
+    # what search_memory found is stated as a recalled memory, in the system prompt and the user message
+    assert answer_prompt.count(f"{MEMORY_PREFIX}The user's name is Alice.") == 2, answer_prompt
+    assert "What you remember about this user" not in answer_prompt  # no second list beside it
     assert "Bob" not in answer_prompt + prompt_text(backend.calls[0])
 
     backend.calls.clear()
@@ -529,3 +531,51 @@ async def test_memories_endpoints_and_key_scoping(agent: AgentService, http: htt
     assert (await http.delete(f"/v1/memories/{mid}")).status_code == 404
     r = await http.delete("/v1/memories", headers=key)
     assert r.json()["deleted"] == 1
+
+
+# -- on a model with a tokenizer (llama.cpp): the kind as one token, then the call in the user's words ---------
+
+
+class TokenizingBackend(ScriptedBackend):
+    """A scripted backend with its own vocabulary, as llama.cpp's: the agent's one-token choice runs on it."""
+
+    async def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        return [1000 + sum(map(ord, text))]
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        return ""
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def tokenizing_agent(tmp_path: Any):
+    s = settings(data_dir=tmp_path, agent_timeout=30, agent_recursion_limit=8)
+    backend = TokenizingBackend("llamacpp")
+    svc = AgentService(s, engine=Engine(scripted_registry(s, {"m": [backend]}), s), embeddings=WordsEmbedder())
+    svc.backend = backend  # type: ignore[attr-defined]
+    await svc.start()
+    await svc.ready()
+    yield svc
+    await svc.close()
+
+
+async def test_on_a_small_model_facts_and_searches_are_the_users_own_words(tokenizing_agent: AgentService) -> None:
+    """The kind of message is one greedy token restricted to the labels' first tokens; a fact to save is then
+    one of the endings of the user's sentence (what a 135M model copies right), and a search is the question."""
+    agent, backend = tokenizing_agent, tokenizing_agent.backend  # type: ignore[attr-defined]
+    backend.then(ok("remember"), calls(("save_memory", {"fact": "I live in Lisbon."})), ok("Noted."))
+    await run(agent, 'Remember that I live in "Lisbon".', user="lis")
+    label, call, _ = backend.calls
+    assert label.params.max_tokens == 1 and label.params.temperature == 0.0 and len(label.params.logit_bias) == 5
+    assert call.tool_choice == ToolChoice("function", "save_memory") and offered(call) == ["save_memory"]
+    fact = call.tools[0].parameters["properties"]["fact"]
+    assert fact["enum"] == ["Remember that I live in Lisbon.", "that I live in Lisbon.", "I live in Lisbon."]
+    mems = (await agent.memory.list("lis"))[0]
+    assert [(m.kind, m.text) for m in mems] == [("fact", "I live in Lisbon.")]  # and no summary beside it
+
+    backend.calls.clear()
+    backend.then(ok("my"), calls(("search_memory", {"query": "Where do I live?"})), ok("You live in Lisbon."))
+    _, events = await run(agent, "Where do I live?", user="lis")
+    assert answer_of(events) == "You live in Lisbon."
+    _, search, answer = backend.calls
+    assert search.tools[0].parameters["properties"]["query"]["enum"] == ["Where do I live?"]
+    assert prompt_text(answer).count(f"{MEMORY_PREFIX}I live in Lisbon.") == 2

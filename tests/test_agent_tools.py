@@ -245,3 +245,25 @@ def test_history_keeps_tool_traffic_for_the_backend() -> None:
     assert msgs[1].tool_calls == [ToolCall("c1", "calculator", json.dumps({"expression": "6*7"}))]
     assert (msgs[2].tool_call_id, msgs[2].name, msgs[2].content) == ("c1", "calculator", "6*7 = 42")
     assert msgs[3].tool_calls is None
+
+
+def test_own_words_are_endings_that_fit_a_fact() -> None:
+    import re
+
+    from appliance.agent.choice import FACT_CHARS, own_words
+    from appliance.agent.tools import Fact
+
+    pattern = Fact.__metadata__[0].metadata[0].pattern  # type: ignore[attr-defined]
+    facts = own_words('Hi. Please remember that my dog is "Biscuit" \\o/. Thanks!')
+    assert facts == [
+        "Please remember that my dog is Biscuit o/.",
+        "remember that my dog is Biscuit o/.",
+        "that my dog is Biscuit o/.",
+        "my dog is Biscuit o/.",
+        "dog is Biscuit o/.",
+        "Thanks.",  # a sentence shorter than MIN_WORDS is offered whole
+    ]
+    long = own_words("I like " + "very " * 300 + "long walks.")
+    assert long and all(len(f) <= FACT_CHARS for f in long)
+    assert all(re.fullmatch(pattern, f) for f in facts + long)
+    assert own_words("Hi!") == [] and own_words("") == []

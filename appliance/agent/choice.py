@@ -6,16 +6,22 @@ same model ranks whole label tokens well: one greedy token, restricted by `logit
 of the labels below, chose the right tool for 33 of the eval's 34 questions (scripts/eval_agent.py; the
 labels' examples are not eval questions). The chosen tool's arguments are then written under its schema.
 Needs the model's tokenizer (a llama.cpp model); other models make the one-step choice.
+
+A fact to save is then the user's own words: the grammar lets the model choose where in the message the fact
+starts ("I live in Lisbon." out of "Remember that I live in Lisbon."). Written freely, the 135M model's facts
+were made up ("The user's name is Ada." for "I work as a carpenter"; "The user's name is <user_name> and …").
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
 from langgraph.constants import TAG_NOSTREAM
 
 from appliance.agent.chat_model import EngineChatModel, text_of
+from appliance.engine.types import Tool
 
 # label -> (tool, description); "respond" is the graph's "answer in words" signal
 KINDS = {
@@ -43,3 +49,40 @@ async def choose_tool(model: Any, message: BaseMessage, tools: list[str]) -> tup
     text = text_of(reply).strip()
     labels = [w for w in kinds if text and w.startswith(text)]
     return (kinds[labels[0]][0] if len(labels) == 1 else None), reply
+
+
+FACT_CHARS = 160  # as the save_memory tool's Fact allows
+MIN_WORDS = 4  # a fact names what it is about
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def own_words(message: str, limit: int = 48) -> list[str]:
+    """The ways to state a fact in the user's words: every ending, at a word, of each sentence of `message`
+    (its last `FACT_CHARS` characters), made to fit the save_memory tool's Fact (no quotes, backslashes or
+    inner full stops; ends with one)."""
+    text = " ".join(message[-4 * FACT_CHARS :].replace('"', "").replace("\\", "").split())
+    out: list[str] = []
+    for sentence in _SENTENCE_END.split(text):
+        words = sentence.rstrip(".!?").replace(".", ",").split()[-30:]
+        for i in range(max(1, len(words) - MIN_WORDS + 1)):  # "Biscuit." alone is no memory
+            fact = " ".join(words[i:]) + "."
+            if 4 <= len(fact) <= FACT_CHARS:
+                out.append(fact)
+    return list(dict.fromkeys(out[-limit:]))
+
+
+def in_own_words(tool: Tool, message: BaseMessage) -> Tool | None:
+    """save_memory whose `fact` is one of `own_words` of the user's `message`, or search_memory whose `query`
+    is the message itself (what the recall step searches with too; a 135M model's own query found nothing
+    where the question found the fact); None for other tools, or when nothing fits."""
+    text = text_of(message).strip()
+    if tool.name == "save_memory":
+        arg, values = "fact", own_words(text)
+    elif tool.name == "search_memory":
+        arg, values = "query", [text] if 0 < len(text) <= 4 * FACT_CHARS else []
+    else:
+        return None
+    if not values:
+        return None
+    prop = {"type": "string", "enum": values, "description": "in the user's words"}
+    return Tool(tool.name, tool.description, {"type": "object", "properties": {arg: prop}, "required": [arg]})

@@ -10,7 +10,8 @@ START → recall → agent ─┬─(tool calls)→ tools → agent …
   with the tools bound (calculator, current_datetime, search_memory, save_memory). Its reply's `tool_calls`
   route the graph. With `tool_choice="forced"` (the default, for small models) the first step must call a
   tool or `respond` — a choice the backend enforces with a grammar, so even a 135M model returns a valid
-  call (on a llama.cpp model the tool is first picked as one token, agent/choice.py); `respond` is a
+  call (on a llama.cpp model the tool is first picked as one token, and a fact to save is then the user's own
+  words: agent/choice.py); `respond` is a
   routing signal, not a tool, and is never stored. With `"auto"` the model calls a tool or answers in text.
   After `tool_rounds` steps with tool calls (or on `respond`) the agent answers without tools, the turn's
   tool results stated in the system prompt and in its last user message ("Tool result: calculator: 12 * 7
@@ -20,7 +21,8 @@ START → recall → agent ─┬─(tool calls)→ tools → agent …
 * tools: LangGraph's ToolNode runs the calls; the assistant's calls and the ToolMessages are part of the
   thread (GET /v1/threads/{id} shows them).
 * remember: a summary of the turn goes to memory (kind "summary") for later threads — unless the answer
-  ignores or contradicts what its tools returned (`uses_results`).
+  ignores or contradicts what its tools returned (`uses_results`), or the turn saved a fact (the fact is
+  what later threads need).
 
 Nothing here scans the user's text with patterns: which tool to call is the model's decision.
 """
@@ -48,8 +50,8 @@ from langgraph.prebuilt import ToolNode
 from langgraph.prebuilt.tool_node import TOOL_CALL_ERROR_TEMPLATE
 from langgraph.runtime import Runtime
 
-from appliance.agent.chat_model import text_of
-from appliance.agent.choice import choose_tool
+from appliance.agent.chat_model import text_of, to_engine_tool
+from appliance.agent.choice import choose_tool, in_own_words
 from appliance.agent.tools import all_tools, answer_keys
 from appliance.engine.types import EngineError, Tool
 
@@ -129,6 +131,8 @@ def _tool_line(msg: ToolMessage, calls: dict[str, dict[str, Any]]) -> str:
     call = calls.get(msg.tool_call_id or "", {})
     name = msg.name or call.get("name") or "tool"
     content = text_of(msg).strip()
+    if name == "search_memory" and content.startswith("- "):  # found memories read as recalled ones do
+        return "\n".join(MEMORY_PREFIX + line.removeprefix("- ") for line in content.splitlines())
     if "\n" in content:
         content = "\n" + "\n".join("  " + line for line in content.splitlines())
     return f"{RESULT_PREFIX}{name}: {content}"
@@ -184,15 +188,17 @@ def build_prompt(state: AgentState, ctx: AgentContext, opts: AgentOptions, step:
     this turn's results stated in its user message)."""
     system = [ctx.instructions or DEFAULT_INSTRUCTIONS]
     memories = state.get("memories") or []
-    if memories:
-        system.append("What you remember about this user:\n" + "\n".join(f"- {t}" for t in memories))
     history = list(state["messages"])
     if step != "answer":
+        if memories:
+            system.append("What you remember about this user:\n" + "\n".join(f"- {t}" for t in memories))
         system.append(TOOL_GUIDE + (FORCED_GUIDE if step == "forced" else ""))
-    else:  # this turn's results, in the system prompt too: a small model follows them best from both places
+    else:  # this turn's results (or else the recalled memories) in the system prompt as in the user message:
+        # a small model follows them best from both places, and a list of memories beside them made the
+        # 135M model ignore both (measured: 1 of 6 recall answers used the fact, 6 of 6 without the list)
         turn = current_turn(history)
         calls = {c.get("id") or "": c for m in turn if isinstance(m, AIMessage) for c in m.tool_calls}
-        if lines := [_tool_line(m, calls) for m in turn if isinstance(m, ToolMessage)]:
+        if lines := [_tool_line(m, calls) for m in turn if isinstance(m, ToolMessage)] or memory_notes(state):
             system.append("\n".join(lines))
     trimmed = trim_messages(
         history,
@@ -245,6 +251,13 @@ def uses_results(state: AgentState) -> bool:
             if keys and not any(k.casefold() in answer for k in keys):
                 return False
     return True
+
+
+def saved_a_fact(state: AgentState) -> bool:
+    return any(
+        isinstance(m, ToolMessage) and m.name == "save_memory" and m.status != "error"
+        for m in current_turn(state["messages"])
+    )
 
 
 def turn_summary(state: AgentState, now: dt.datetime | None = None) -> str | None:
@@ -341,6 +354,8 @@ def build_graph(memory: Any | None, checkpointer: Any, opts: AgentOptions | None
                 return {"messages": [await answer(state, ctx, before)]}
             if chosen is not None:
                 offered, choice, forced = [t for t in tools if t.name == chosen], chosen, False
+                if own := in_own_words(to_engine_tool(offered[0]), human):
+                    offered = [own]
         # A call gets its own token budget: the client's max_tokens is for the answer, and a call cut short
         # by it would run with half its arguments (seen: "12" for "12 * 7" at max_tokens 24). Tool steps
         # are greedy: a tiny model's best guess is its most likely one.
@@ -361,6 +376,8 @@ def build_graph(memory: Any | None, checkpointer: Any, opts: AgentOptions | None
         if not uses_results(state):
             log.info("turn summary for thread %s not saved: the answer does not use its tool results", ctx.thread_id)
             return {}
+        if saved_a_fact(state):  # the fact is the memory; a summary would only add the answer's wording,
+            return {}  # which a small model gets wrong ("your name is not saved") and later threads repeat
         summary = turn_summary(state)
         if summary:
             try:

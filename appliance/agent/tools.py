@@ -106,9 +106,10 @@ Expression = Annotated[
         description="e.g. 12 * 7",
     ),
 ]
-# One sentence that ends at its first full stop: the grammar then closes the call there (an open-ended string
-# let the 135M model write until the call's token budget ran out, and an unfinished call is never run).
-Fact = Annotated[str, Field(pattern=r'^[^.\n"\\]{3,}[.]$', description="one sentence about the user")]
+# One short sentence that ends at its first full stop: the grammar then closes the call there (an open-ended
+# string let the 135M model write until the call's token budget ran out, and an unfinished call is never run;
+# so did an unbounded sentence, commas and all).
+Fact = Annotated[str, Field(pattern=r'^[^.\n"\\]{3,160}[.]$', description="one sentence about the user")]
 Query = Annotated[str, Field(min_length=1)]
 
 
@@ -148,6 +149,9 @@ def memory_tools(memory: Any, search_k: int = 4, max_distance: float | None = No
         )
         if not found:
             return "Nothing remembered about that."
+        # what the user said about themselves before summaries of earlier talks: a small model answers
+        # from the first line (seen: a summary's wrong answer repeated over the fact just below it)
+        found.sort(key=lambda m: m.kind != "fact")
         return "\n".join(f"- {m.text}" for m in found)
 
     @tool
