@@ -15,6 +15,7 @@ from hypercorn.config import Config
 from appliance.app import create_app
 from appliance.backends.llamacpp.process import EarlyWorker
 from appliance.config import Settings
+from appliance.heap import freeze_heap
 
 log = logging.getLogger("appliance")
 
@@ -52,10 +53,13 @@ async def feed_watchdog(interval: float, notify=sd_notify) -> None:
 
 async def _notify_when_ready(app, host: str, port: int) -> None:
     engine = app.state.engine
+    await asyncio.sleep(0)  # the app's imports are done and the default model's worker is loading: quiet
+    freeze_heap()
     while not engine.ready:
         await asyncio.sleep(0.1)
     log.info("ready: serving on http://%s:%s (default model %s)", host, port, engine.registry.default.id)
     sd_notify("READY=1\nSTATUS=serving")
+    log.debug("heap frozen: %d objects", freeze_heap())  # with what starting the model added
 
 
 async def serve(settings: Settings, early_worker: EarlyWorker | None = None) -> None:

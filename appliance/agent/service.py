@@ -22,6 +22,7 @@ from appliance.backends.base import BackendState, BackendStatus, NothingToLoad
 from appliance.config import Settings
 from appliance.engine.registry import ModelEntry
 from appliance.engine.types import Admitted, EngineError, Error, Event, GenerateRequest, Token
+from appliance.heap import refreeze_heap
 from appliance.memory.embeddings import EMBEDDING_MODEL_ID, EmbeddingBackend, EmbeddingService
 from appliance.memory.store import MemoryStore
 
@@ -102,6 +103,7 @@ class AgentService:
             )
             graph = build_graph(self.memory, self.threads.saver, opts)
             self.graph = graph.with_config(callbacks=self.callbacks) if self.callbacks else graph
+            refreeze_heap()  # langgraph, langchain and Chroma's client: out of every later full collection
             log.info("agent ready (threads in %s)", self.threads.where)
         except Exception as e:
             self.error = f"{type(e).__name__}: {e}"
