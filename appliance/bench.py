@@ -128,7 +128,7 @@ def start_appliance(args: argparse.Namespace, logs: Path) -> Target:
         "HF_HUB_OFFLINE": "1",
         "APPLIANCE_LOG_LEVEL": "warning",
     }
-    argv = [sys.executable, "-m", "appliance.cli", "serve", "--port", str(port), "--threads", str(args.threads)]
+    argv = [sys.executable, "-m", "appliance", "serve", "--port", str(port), "--threads", str(args.threads)]
     argv += ["--context-size", str(args.ctx), "--parallel", str(args.parallel)]
     t = start_process("appliance", argv, env, port, logs / "appliance.log")
     t.cleanup.append(tmp.cleanup)

@@ -13,11 +13,14 @@ import os
 import sys
 import types
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
 
 from pydantic.fields import FieldInfo
 
 from appliance.config import ConfigError, Settings, load_models_file, load_settings
+
+if TYPE_CHECKING:
+    from appliance.prestart import Launched
 
 # Settings are flagged in field order; a help section starts at each of these fields (as in config.Settings).
 _SECTIONS = {
@@ -105,7 +108,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(settings.log_level)  # JSON lines on stdout
     from appliance.backends.llamacpp.process import spawn_early
 
-    early = spawn_early(settings, load_models_file(settings))  # loads while the HTTP layer imports
+    # the worker loads while the HTTP layer imports (in the interpreter appliance/__main__.py started, if any)
+    early = spawn_early(settings, load_models_file(settings), getattr(args, "prestarted", None))
     from appliance.server import serve
 
     with contextlib.suppress(KeyboardInterrupt):
@@ -187,8 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prestarted: Launched | None = None) -> int:
+    """`prestarted`: a worker interpreter `appliance serve` may use for the default model (appliance/__main__.py)."""
     args = build_parser().parse_args(argv)
+    args.prestarted = prestarted
     try:
         return args.func(args)
     except ConfigError as e:

@@ -142,7 +142,7 @@ def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None, wait:
     log_path = tmp / f"server-{port}.log"
     log_file = log_path.open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance.cli", "serve", *args],
+        [sys.executable, "-m", "appliance", "serve", *args],
         cwd=tmp,
         env=full_env,
         stdout=log_file,

@@ -54,3 +54,18 @@ def test_building_the_app_imports_no_optional_client_or_heavy_library() -> None:
     loaded, then = json.loads(out.strip().splitlines()[-1])
     assert loaded == []
     assert "gguf" in then and "numpy" in then
+
+
+def test_the_worker_interpreter_starts_before_anything_but_the_standard_library() -> None:
+    """`appliance serve` starts the model worker's interpreter first (appliance/prestart.py): what it imports
+    before then is the standard library and, of the appliance, that module and the entry point."""
+    script = (
+        "import json, sys; before = set(sys.modules); import appliance.__main__, appliance.prestart; "
+        "new = set(sys.modules) - before; "
+        "print(json.dumps([sorted({m.split('.')[0] for m in new}), sorted(m for m in new if 'appliance' in m)]))"
+    )
+    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
+    top, ours = json.loads(r.stdout)
+    others = {m for m in top if not m.startswith("__")} - set(sys.stdlib_module_names)  # __mp_main__: an alias
+    assert others == {"appliance"}, top
+    assert ours == ["appliance", "appliance.__main__", "appliance.prestart"]

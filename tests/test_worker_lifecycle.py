@@ -209,3 +209,56 @@ def test_an_early_worker_started_differently_is_replaced(tmp_path) -> None:
     pid, slots = asyncio.run(run())
     assert pid != early.pid and slots == 1
     assert not early.alive
+
+
+def prestarted_workers(marker: str) -> list[psutil.Process]:
+    """Worker processes whose environment carries `marker` (the test's own, whoever their parent is now)."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            cmdline = " ".join(p.info["cmdline"] or [])
+            if "llamacpp.worker_main" in cmdline and p.environ().get("APPLIANCE_TEST_MARK") == marker:
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def wait_until_none(marker: str, timeout: float = 20) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout
+    while (left := prestarted_workers(marker)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def test_a_prestarted_worker_nobody_takes_exits(tmp_path) -> None:
+    """`appliance serve` starts a worker's interpreter before its own imports (appliance/prestart.py). When serve
+    stops before it knows the model (a bad flag), or its default model needs no such worker (a file that is
+    not there), that interpreter exits: nothing is left behind."""
+    import subprocess
+    import sys
+    import uuid
+
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "APPLIANCE_TEST_MARK": marker, "APPLIANCE_DATA_DIR": str(tmp_path / "d")}
+    r = subprocess.run(
+        [sys.executable, "-m", "appliance", "serve", "--context-size", "lots"], env=env, capture_output=True, text=True
+    )
+    assert r.returncode == 2 and "--context-size" in r.stderr
+    assert wait_until_none(marker) == []
+
+    models = tmp_path / "models.toml"
+    models.write_text(
+        f'[[models]]\nid = "gone"\n[[models.backends]]\ntype = "llamacpp"\npath = "{tmp_path / "gone.gguf"}"\n'
+    )
+    env = {"APPLIANCE_TEST_MARK": marker, "APPLIANCE_MODELS_FILE": str(models), "APPLIANCE_DEFAULT_MODEL": "gone"}
+    s = start_server(tmp_path, env=env, wait=False)
+    try:
+        deadline = time.monotonic() + 60
+        while "Running on" not in s.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "Running on" in s.log(), s.log()
+        assert wait_until_none(marker) == [], s.log()
+        assert s.proc.poll() is None  # the appliance serves on (its model reports the missing file)
+    finally:
+        s.stop()

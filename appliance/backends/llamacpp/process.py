@@ -9,16 +9,15 @@ first two messages, as multiprocessing would send them.
 Spawning and attaching are two steps so that `appliance serve` can spawn the default model's worker before
 it imports the HTTP layer (`spawn_early`): the worker's own imports and model load (about 1 s on 2 cores)
 then overlap the API process's imports (about 0.8 s) instead of following them. Whatever the worker sends
-meanwhile (its `Ready`) waits in the pipe.
+meanwhile (its `Ready`) waits in the pipe. Earlier still, `appliance serve` starts the worker's interpreter
+before its own settings layer is imported (appliance/prestart.py): the spec follows once it is known.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing as mp
 import subprocess
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from appliance.backends.llamacpp import worker as worker_mod
 from appliance.backends.llamacpp.protocol import Stop, ToWorker
 from appliance.catalog import ModelFileError, peek_model_path
 from appliance.config import ConfigError, LlamaCppBackendSpec, ModelsFile, Settings
+from appliance.prestart import Launched, launch
 
 
 def worker_spec(path: Path, spec: LlamaCppBackendSpec, settings: Settings, parallel: int) -> dict[str, Any]:
@@ -53,17 +53,13 @@ def worker_spec(path: Path, spec: LlamaCppBackendSpec, settings: Settings, paral
 class WorkerProcess:
     """One worker process and, once attached, the thread that reads its pipe."""
 
-    def __init__(self, spec: dict[str, Any]):
+    def __init__(self, spec: dict[str, Any], prestarted: Launched | None = None):
+        """A new worker for `spec`, or the `prestarted` interpreter given it (appliance/prestart.py)."""
         self.spec = spec
-        self.conn, child = mp.Pipe()
-        fd = child.fileno()
-        argv = [sys.executable, "-m", "appliance.backends.llamacpp.worker_main", str(fd)]
-        self.proc = subprocess.Popen(argv, pass_fds=(fd,), stdin=subprocess.DEVNULL)
-        child.close()
+        self.proc, self.conn = (prestarted or launch()).take()
         self._send_lock = threading.Lock()
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.send(list(sys.path))  # both wait in the pipe until the child reads them
-        self.send(spec)
+        self.send(spec)  # waits in the pipe until the child, its imports done, reads it
 
     def attach(self, loop: asyncio.AbstractEventLoop, on_message, on_exit) -> None:
         """Deliver the worker's messages, and its exit, as calls on `loop`."""
@@ -120,9 +116,18 @@ class EarlyWorker:
     process: WorkerProcess
 
 
-def spawn_early(settings: Settings, models: ModelsFile) -> EarlyWorker | None:
-    """Spawn the default model's first backend's worker now, if it is a llama.cpp model whose file is on disk
-    (nothing to assemble or download). None otherwise: the supervisor spawns it as usual."""
+def spawn_early(settings: Settings, models: ModelsFile, prestarted: Launched | None = None) -> EarlyWorker | None:
+    """Spawn the default model's first backend's worker now (in the `prestarted` interpreter, if any), if it
+    is a llama.cpp model whose file is on disk (nothing to assemble or download). None otherwise: the
+    supervisor spawns it as usual, and `prestarted` is let go (it exits)."""
+    try:
+        return _spawn_early(settings, models, prestarted)
+    finally:
+        if prestarted is not None:
+            prestarted.discard()  # no-op once taken
+
+
+def _spawn_early(settings: Settings, models: ModelsFile, prestarted: Launched | None) -> EarlyWorker | None:
     spec = next((m for m in models.models if settings.default_model in (m.id, *m.aliases)), None)
     backend = spec.backends[0] if spec is not None and spec.backends else None
     if not isinstance(backend, LlamaCppBackendSpec):
@@ -135,4 +140,5 @@ def spawn_early(settings: Settings, models: ModelsFile) -> EarlyWorker | None:
     except (ModelFileError, ConfigError, ValueError, OSError):
         return None  # the supervisor reports it, the usual way
     parallel = backend.parallel or settings.parallel
-    return EarlyWorker(spec.id, WorkerProcess(worker_spec(path, backend, settings, parallel)))  # type: ignore[union-attr]
+    worker = WorkerProcess(worker_spec(path, backend, settings, parallel), prestarted)
+    return EarlyWorker(spec.id, worker)  # type: ignore[union-attr]

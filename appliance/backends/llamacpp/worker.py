@@ -92,6 +92,12 @@ def main(conn: Connection, spec: dict[str, Any]) -> None:
     worker.serve(conn)
 
 
+def preload() -> None:
+    """What `_Worker` imports, ahead of its spec (worker_main)."""
+
+    from appliance.backends.llamacpp import chat_format, scheduler  # noqa: F401
+
+
 class _Worker:
     def __init__(self, spec: dict[str, Any]):
         import llama_cpp
