@@ -27,6 +27,7 @@ import platform
 import secrets
 import shlex
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -230,7 +231,7 @@ async def rss_growth(t: Target, model: str, n_requests: int, concurrency: int = 
 async def run_all(ts: list[Target], args: argparse.Namespace) -> None:
     import httpx
 
-    from appliance.bench_scenarios import LAST, SCENARIOS, Config
+    from appliance.bench_scenarios import LAST, ROUNDS, SCENARIOS, Config
 
     nonce = secrets.token_hex(4)
     quick = dict(tokens=16, reps=1, turns=2, rounds=2, health_chats=20, health_tokens=4, doc_words=2, answer_tokens=16)
@@ -244,15 +245,24 @@ async def run_all(ts: list[Target], args: argparse.Namespace) -> None:
         t.model = _model_of(t)
 
     async def scenario(name: str) -> None:
+        rounds = 1 if args.quick else ROUNDS.get(name, 1)
+        results: dict[str, list[dict[str, float]]] = {t.name: [] for t in ts}
+        for r in range(rounds):
+            for t in ts if r % 2 == 0 else ts[::-1]:
+                sizes = {**base, **quick}
+                if rounds > 1:  # the repetitions shared out between the rounds
+                    sizes |= {"reps": max(1, -(-sizes["reps"] // rounds)), "rounds": 3}
+                cfg = Config(model=t.model, nonce=f"{nonce}-{t.name}", **sizes)
+                print(f"{name} on {t.name} ..." + (f" (round {r + 1}/{rounds})" if rounds > 1 else ""), file=sys.stderr)
+                async with httpx.AsyncClient(base_url=t.url, timeout=900) as c:
+                    try:
+                        results[t.name].append(await SCENARIOS[name](c, cfg))
+                    except Exception as e:  # one server's failure must not lose the others' figures
+                        t.errors[name] = f"{type(e).__name__}: {e}"
+                        print(f"  {name} failed on {t.name}: {t.errors[name]}", file=sys.stderr)
         for t in ts:
-            cfg = Config(model=t.model, nonce=f"{nonce}-{t.name}", **{**base, **quick})
-            print(f"{name} on {t.name} ...", file=sys.stderr)
-            async with httpx.AsyncClient(base_url=t.url, timeout=900) as c:
-                try:
-                    t.metrics.update(await SCENARIOS[name](c, cfg))
-                except Exception as e:  # one server's failure must not lose the others' figures
-                    t.errors[name] = f"{type(e).__name__}: {e}"
-                    print(f"  {name} failed on {t.name}: {t.errors[name]}", file=sys.stderr)
+            if runs := results[t.name]:
+                t.metrics.update({k: statistics.median(run[k] for run in runs) for k in runs[0]})
 
     for name in names:
         if name not in LAST:

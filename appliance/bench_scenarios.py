@@ -369,4 +369,7 @@ SCENARIOS = {
     "health": health_under_load,
     "embed_load": embedding_load,  # last, after the idle RSS (bench.py): it loads the embedding model
 }
+# Scenarios run in alternating rounds (servers A B, then B A, …; the median of each server's rounds): a
+# drift in this VM's speed over the minute a scenario takes (5-20 % seen) then touches every server alike.
+ROUNDS = {"decode": 3, "aggregate": 2}
 LAST = ("embed_load",)  # run after the idle RSS is measured: the RSS target is before any embedding request

@@ -1,7 +1,8 @@
 """Settings (environment, `.env`, `--config` file, CLI flags) and the models file schema.
 
 Precedence, highest first: CLI flags, the `--config` TOML file, `APPLIANCE_*` environment variables,
-the `.env` file, built-in defaults.
+the `.env` file, built-in defaults. Long because every setting is declared here, once, with its bounds and
+its description (which `--help` and the docs show).
 """
 
 from __future__ import annotations
@@ -78,6 +79,12 @@ class Settings(BaseSettings):
     )
     kv_cache_type: KVCacheType = Field(
         "f16", description="KV cache element type; q8_0 halves its memory (and turns flash attention on)"
+    )
+    prompt_cache_mib: int = Field(
+        1024,
+        ge=0,
+        description="RAM per model worker for slot caches parked when another prompt takes their slot, restored "
+        "when their conversation or prompt comes back (as llama-server's --cache-ram); 0: off",
     )
     default_max_tokens: int = Field(
         512, ge=1, description="generation cap when a request sets no max_tokens (a request may ask for more)"

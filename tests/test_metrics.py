@@ -44,6 +44,7 @@ REQUIRED = {
     "appliance_worker_restarts_total",
     "appliance_kv_cache_tokens",
     "appliance_kv_cache_capacity_tokens",
+    "appliance_prompt_cache_bytes",
     "appliance_process_resident_memory_bytes",
     "appliance_process_cpu_percent",
     "appliance_host_cpu_percent",
@@ -96,7 +97,14 @@ class FakeBackend:
         )
 
     async def stats(self, timeout: float = 1.0) -> dict:
-        return {"slots": 4, "slots_busy": 2, "waiting": 0, "cached_tokens": 100, "capacity_tokens": 4096}
+        return {
+            "slots": 4,
+            "slots_busy": 2,
+            "waiting": 0,
+            "cached_tokens": 100,
+            "capacity_tokens": 4096,
+            "parked_bytes": 1000,
+        }
 
 
 async def test_hooks_and_engine_collector(tmp_path: Path) -> None:
@@ -125,6 +133,7 @@ async def test_hooks_and_engine_collector(tmp_path: Path) -> None:
     assert s["appliance_inflight_streams"] == [({"model": "m1"}, 4.0)]
     assert s["appliance_kv_cache_tokens"] == [({"model": "m1"}, 200.0)]
     assert s["appliance_kv_cache_capacity_tokens"] == [({"model": "m1"}, 8192.0)]
+    assert s["appliance_prompt_cache_bytes"] == [({"model": "m1"}, 2000.0)]
     assert sorted(v for _, v in s["appliance_circuit_breaker_state"]) == [0.0, 2.0]
     assert {lab["backend"] for lab, _ in s["appliance_circuit_breaker_state"]} == {"llamacpp", "llamacpp#2"}
     assert ({"model": "m1", "backend": "llamacpp"}, 1.0) in s["appliance_worker_restarts_total"]

@@ -12,6 +12,7 @@ import llama_cpp
 import openai
 import pytest
 
+from appliance.backends.llamacpp.host_cache import HostCache
 from appliance.backends.llamacpp.protocol import Failed, Finished, GenRequest, Started, Text
 from appliance.backends.llamacpp.worker import _Worker
 from appliance.catalog import embedded_smollm2
@@ -24,7 +25,7 @@ SYSTEM = "You are a careful assistant. " + "Always answer with short, plain sent
 QUESTIONS = ["Name a fruit.", "Name a colour.", "Name a river.", "What is the capital of France?"]
 
 
-def make_worker(parallel: int, invariant: bool = True) -> _Worker:
+def make_worker(parallel: int, invariant: bool = True, prompt_cache_mib: int = 0) -> _Worker:
     return _Worker(
         {
             "path": str(embedded_smollm2()[0]),
@@ -33,6 +34,7 @@ def make_worker(parallel: int, invariant: bool = True) -> _Worker:
             "parallel": parallel,
             "batch_size": 512,
             "batch_invariant": invariant,
+            "prompt_cache_mib": prompt_cache_mib,
         }
     )
 
@@ -74,6 +76,8 @@ def wipe(w: _Worker) -> None:
     llama_cpp.llama_memory_clear(w.sched.mem, True)
     for s in w.sched.slots:
         s.tokens.clear()
+    if w.sched.host is not None:  # and what was parked in RAM
+        w.sched.host = HostCache(w.sched.host.budget)
 
 
 def cold(w: _Worker, req: GenRequest) -> str:
@@ -166,6 +170,31 @@ def test_truncating_a_slot_in_place_never_touches_another_slots_cache() -> None:
     assert a2["start"].cached_tokens == a["start"].prompt_tokens - 1 and a2["text"] == a["text"]
     assert c["text"] == cold(w, gen("c2", QUESTIONS[2]))
     assert b["text"] == cold(w, gen("b2", QUESTIONS[1]))
+
+
+def test_a_parked_slot_state_comes_back_and_matches_a_cold_run() -> None:
+    """More conversations than slots: before a prompt takes a slot, what the slot held is parked in RAM
+    (host_cache.py); when that prompt comes back, its state is written back instead of computed. Token for
+    token as a cold run, and the request running in the other slot meanwhile is not disturbed."""
+    w = make_worker(2, prompt_cache_mib=64)
+    food, rivers = "You answer about food.", "You answer about rivers, briefly."
+    a = run(w, [gen("a", QUESTIONS[0], system=food)])["a"]
+    b = run(w, [gen("b", QUESTIONS[1])])["b"]
+    c = run(w, [gen("c", QUESTIONS[2], system=rivers)])["c"]  # takes a's slot (the least recently used)
+    assert w.sched.stats()["parked_states"] == 1 and w.sched.stats()["restored_states"] == 0
+    # a comes back while d, a new prompt, runs beside it: a's state is written back, d's slot (b's, now
+    # parked too) is computed
+    both = run(w, [gen("a2", QUESTIONS[0], system=food), gen("d", QUESTIONS[3], max_tokens=32)])
+    a2, d = both["a2"], both["d"]
+    assert a2["start"].cached_tokens == a["start"].prompt_tokens - 1 and a2["text"] == a["text"]
+    stats = w.sched.stats()
+    assert stats["restored_states"] == 1 and stats["parked_states"] == 3  # a (kept), b, c
+    assert stats["parked_bytes"] > 0
+    b2 = run(w, [gen("b2", QUESTIONS[1])])["b2"]
+    assert b2["start"].cached_tokens == b["start"].prompt_tokens - 1 and b2["text"] == b["text"]
+    assert d["text"] == cold(w, gen("d2", QUESTIONS[3], max_tokens=32))
+    assert a["text"] == cold(w, gen("a3", QUESTIONS[0], system=food))
+    assert c["text"] == cold(w, gen("c2", QUESTIONS[2], system=rivers))
 
 
 def test_default_mode_reuses_prefixes_too() -> None:

@@ -108,3 +108,24 @@ def test_a_prompt_waits_for_a_prefix_another_slot_is_computing() -> None:
     assert not in_flight([running], [*range(50), 1], available=0)  # parts within what is cached
     running.seq = SimpleNamespace(pending=[])
     assert not in_flight([running], [*range(100), 1], available=0)  # nothing more to come: copy it now
+
+
+# -- slot states parked in RAM (host_cache.HostCache) ------------------------------------------------
+
+
+def test_host_cache_finds_the_longest_parked_prefix_and_stays_within_its_budget() -> None:
+    from appliance.backends.llamacpp.host_cache import HostCache
+
+    h = HostCache(budget_bytes=100)
+    assert h.put([1, 2, 3, 4], b"a" * 40) and h.put([1, 2, 9], b"b" * 40)
+    entry, n = h.best([1, 2, 3, 4, 5])
+    assert entry is not None and entry.tokens == (1, 2, 3, 4) and n == 4
+    assert h.best([7]) == (None, 0)
+    assert not h.put([1, 2, 3], b"c" * 10)  # [1, 2, 3, 4] holds it already
+    assert h.put([1, 2, 3, 4, 5, 6], b"d" * 40)  # extends [1, 2, 3, 4]: replaces it
+    assert len(h) == 2 and h.used == 80
+    h.touch(h.best([1, 2, 9])[0])  # type: ignore[arg-type]
+    assert h.put([5, 5], b"e" * 40)  # over budget: the least recently used ([1..6]) goes
+    assert h.best([1, 2, 3, 4, 5, 6])[1] == 2 and h.best([1, 2, 9])[1] == 3 and h.used == 80
+    assert not h.put([8], b"f" * 101)  # bigger than the whole budget
+    assert (h.parked, h.restored) == (4, 1)

@@ -318,16 +318,6 @@ def build_graph(memory: Any | None, checkpointer: Any, opts: AgentOptions | None
         )
         return {"memories": [m.text for m in found]}
 
-    async def answer(state: AgentState, ctx: AgentContext, before: list[BaseMessage]) -> AIMessage:
-        """The final reply, without tools; `before` are this step's earlier model replies (for usage)."""
-        reply = await ctx.model.ainvoke(build_prompt(state, ctx, opts, "answer"))
-        return AIMessage(
-            content=text_of(reply),
-            id=reply.id,
-            usage_metadata=_usage_sum(*before, reply),  # type: ignore[arg-type]
-            response_metadata=reply.response_metadata,
-        )
-
     def reply_message(reply: BaseMessage, *before: BaseMessage, **extra: Any) -> AIMessage:
         return AIMessage(
             content=text_of(reply),
@@ -336,6 +326,10 @@ def build_graph(memory: Any | None, checkpointer: Any, opts: AgentOptions | None
             response_metadata=reply.response_metadata,
             **extra,
         )
+
+    async def answer(state: AgentState, ctx: AgentContext, before: list[BaseMessage]) -> AIMessage:
+        """The final reply, without tools; `before` are this step's earlier model replies (for usage)."""
+        return reply_message(await ctx.model.ainvoke(build_prompt(state, ctx, opts, "answer")), *before)
 
     async def agent(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
         ctx = runtime.context

@@ -223,6 +223,9 @@ class Metrics:
             "appliance_kv_cache_capacity_tokens", "KV cache capacity in tokens (all slots)", labels=["model"]
         )
         busy = GaugeMetricFamily("appliance_slots_busy", "Slots generating now (from the worker)", labels=["model"])
+        parked = GaugeMetricFamily(
+            "appliance_prompt_cache_bytes", "Slot states parked in RAM (APPLIANCE_PROMPT_CACHE_MIB)", labels=["model"]
+        )
         for entry in engine.registry:
             q = n = s = mem = 0
             is_loaded = False
@@ -256,7 +259,8 @@ class Metrics:
                 kv_used.add_metric([entry.id], kv.get("cached_tokens", 0))
                 kv_cap.add_metric([entry.id], kv.get("capacity_tokens", 0))
                 busy.add_metric([entry.id], kv.get("slots_busy", 0))
-        yield from (queue, inflight, slots, loaded, memory, ready, breaker, restarts, kv_used, kv_cap, busy)
+                parked.add_metric([entry.id], kv.get("parked_bytes", 0))
+        yield from (queue, inflight, slots, loaded, memory, ready, breaker, restarts, kv_used, kv_cap, busy, parked)
 
     def _system_metrics(self) -> Iterable[Metric]:
         s = self.system
@@ -308,7 +312,7 @@ class Metrics:
                     if not st:
                         continue
                     acc = kv.setdefault(entry.id, {})
-                    for k in ("cached_tokens", "capacity_tokens", "slots_busy", "slots", "waiting"):
+                    for k in ("cached_tokens", "capacity_tokens", "slots_busy", "slots", "waiting", "parked_bytes"):
                         acc[k] = acc.get(k, 0) + float(st.get(k) or 0)
             self.kv = kv
         if self._sampler is None and self.data_dir is not None:

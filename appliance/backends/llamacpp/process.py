@@ -43,6 +43,7 @@ def worker_spec(path: Path, spec: LlamaCppBackendSpec, settings: Settings, paral
         "ubatch_size": spec.ubatch_size or s.ubatch_size,
         "batch_invariant": s.batch_invariant if spec.batch_invariant is None else spec.batch_invariant,
         "kv_cache_type": spec.kv_cache_type or s.kv_cache_type,
+        "prompt_cache_mib": s.prompt_cache_mib,
         "chat_template": spec.chat_template,
         "tool_format": spec.tool_format,
         "stream_interval": s.stream_interval,

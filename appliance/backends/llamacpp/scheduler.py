@@ -3,7 +3,8 @@
 Each slot owns one sequence id, with its own KV stream (`kv_unified=False`: a sequence's attention
 never sees another's cells, so outputs do not depend on the batch), and remembers the tokens it
 holds. A new prompt starts from the longest cached prefix it shares with any slot, in place or copied
-from another slot (`slots.py` has the rule). Every `step()` builds one `llama_batch` holding one token
+from another slot (`slots.py` has the rule), or with a slot's state parked in RAM before another prompt
+took the slot (`host_cache.py`), written back. Every `step()` builds one `llama_batch` holding one token
 for each decoding sequence (in sequence-id order) plus chunks of newcomers' prompts, runs one
 `llama_decode`, and samples each sequence with its own sampler chain (`sampling.py`).
 This module runs inside the worker process; it knows nothing about pipes or HTTP. It produces the
@@ -13,6 +14,7 @@ typed events of `protocol.py` (Started, FirstToken, Text, Finished, Failed), key
 from __future__ import annotations
 
 import codecs
+import ctypes
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -20,12 +22,14 @@ from typing import Any
 
 import llama_cpp
 
+from appliance.backends.llamacpp.host_cache import HostCache, Parked
 from appliance.backends.llamacpp.protocol import Failed, Finished, FirstToken, Started, Text, WorkerEvent
 from appliance.backends.llamacpp.sampling import Sampler, StopFilter, Vocab, logprob_entry
 from appliance.backends.llamacpp.slots import Slot, SlotPolicy, in_flight, place
 from appliance.engine.types import Error, SamplingParams, TokenLogprob, Usage
 
 Out = WorkerEvent
+PARK_MIN = 16  # tokens a slot must be about to lose before its state is parked in RAM (host_cache.py)
 
 
 @dataclass
@@ -35,6 +39,7 @@ class SlotConfig:
     n_batch: int = 512
     prefill_chunk: int = 256  # prompt tokens per step while other sequences are decoding
     policy: SlotPolicy = field(default_factory=SlotPolicy)
+    host_cache_bytes: int = 0  # RAM for slot caches parked before their slot is taken (host_cache.py); 0: off
 
 
 @dataclass
@@ -84,6 +89,7 @@ class Scheduler:
             self.batch.n_seq_id[i] = 1
         self.copies = 0  # prefixes copied from one slot into another
         self.reused = 0  # prompt tokens taken from a cache
+        self.host = HostCache(cfg.host_cache_bytes) if cfg.host_cache_bytes > 0 else None
 
     # -- requests ---------------------------------------------------------------------------
     def grammar_ok(self, grammar: str) -> bool:
@@ -121,6 +127,9 @@ class Scheduler:
             "capacity_tokens": len(self.slots) * self.cfg.n_ctx_slot,
             "prefix_copies": self.copies,
             "reused_tokens": self.reused,
+            "parked_states": len(self.host) if self.host else 0,
+            "parked_bytes": self.host.used if self.host else 0,
+            "restored_states": self.host.restored if self.host else 0,
         }
 
     # -- the loop body ----------------------------------------------------------------------
@@ -202,8 +211,14 @@ class Scheduler:
             if in_flight(running, job.tokens, p.keep, self.cfg.policy):
                 deferred.append(job)  # another slot is computing its prefix: copy that when it is done
                 continue
-            slot, keep = p.slot, min(p.keep, len(job.tokens) - 1)  # re-decode the last token for its logits
-            if p.source is not None:
+            slot, keep = p.slot, p.keep
+            parked, held = self.host.best(job.tokens) if self.host is not None else (None, 0)
+            restore = parked is not None and held - self.cfg.policy.restore_cost > keep
+            keep = min(held if restore else keep, len(job.tokens) - 1)  # re-decode the last token for its logits
+            self._park(slot, 0 if restore or p.source is not None else keep)  # before anything overwrites it
+            if restore:
+                keep = self._restore(slot, parked, keep)  # type: ignore[arg-type]
+            elif p.source is not None:
                 # One stream per sequence: llama.cpp copies whole streams only (a partial copy aborts).
                 llama_cpp.llama_memory_seq_cp(self.mem, p.source.seq_id, slot.seq_id, -1, -1)
                 slot.tokens = list(p.source.tokens)
@@ -222,6 +237,29 @@ class Scheduler:
             )
             out.append(Started(job.req_id, len(job.tokens), keep))
         self.waiting.extendleft(reversed(deferred))
+
+    def _park(self, slot: Slot, keep: int) -> None:
+        """Copy the slot's state into the host cache when more than a little of it is about to be dropped
+        (all but its first `keep` tokens), unless a parked state already holds it."""
+        if self.host is None or len(slot.tokens) - keep < PARK_MIN or self.host.covers(slot.tokens):
+            return
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, slot.seq_id)
+        buf = (ctypes.c_uint8 * size)()
+        n = llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, slot.seq_id)
+        if n:
+            self.host.put(list(slot.tokens), ctypes.string_at(buf, n))
+
+    def _restore(self, slot: Slot, parked: Parked, keep: int) -> int:
+        """Write a parked state into the (cleared) slot; the prompt tokens it gives (0 if llama.cpp refused)."""
+        llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+        data = (ctypes.c_uint8 * len(parked.data)).from_buffer_copy(parked.data)
+        if not llama_cpp.llama_state_seq_set_data(self.ctx, data, len(parked.data), slot.seq_id):
+            llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+            slot.tokens = []
+            return 0
+        self.host.touch(parked)  # type: ignore[union-attr]
+        slot.tokens = list(parked.tokens)
+        return keep
 
     def _on_token(self, slot: Slot, token: int, idx: int, out: list[Out]) -> None:
         seq = slot.seq

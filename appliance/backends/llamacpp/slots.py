@@ -54,6 +54,7 @@ class SlotPolicy:
     copy_cost: int = 32  # a whole-stream copy, in prompt tokens of compute
     gap_cost: int = 64  # one more compute pass per decode step for the running requests, in prompt tokens
     lost_weight: int = 2  # a token of another conversation's cache, destroyed, in prompt tokens
+    restore_cost: int = 8  # a parked state written back into a slot (host_cache.py), in prompt tokens
 
 
 @dataclass(frozen=True)

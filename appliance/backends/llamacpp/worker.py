@@ -136,7 +136,8 @@ class _Worker:
             raise ValueError(
                 f"{path}: failed to create a llama.cpp context of {cparams.n_ctx} tokens with a {kv_type} KV cache"
             )
-        cfg = SlotConfig(n_slots, n_ctx_slot, n_batch, prefill_chunk=prefill_chunk)
+        parked = spec.get("prompt_cache_mib", 0) << 20  # host_cache.py
+        cfg = SlotConfig(n_slots, n_ctx_slot, n_batch, prefill_chunk, host_cache_bytes=parked)
         self.sched = Scheduler(self.model, self.ctx, cfg)
 
         meta = self.model.metadata()
