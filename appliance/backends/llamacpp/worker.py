@@ -93,8 +93,8 @@ def main(conn: Connection, spec: dict[str, Any]) -> None:
 
 
 def preload() -> None:
-    """What `_Worker` imports, ahead of its spec (worker_main)."""
-
+    """What `_Worker` imports, ahead of its spec (worker_main): the scheduler imports `llama_cpp`, whose
+    package brings the bindings, numpy and the chat-template code (jinja2)."""
     from appliance.backends.llamacpp import chat_format, scheduler  # noqa: F401
 
 
